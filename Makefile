@@ -1,0 +1,56 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv, installs what
+# is missing (Python packages, Debian's Fashion-MNIST), builds the extension, then runs.
+PYTHON_SYS ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+DATA_DIR   ?= /usr/share/datasets/fashion-mnist
+PY_DEPS    := "torch>=2.6" torchvision triton pytest pytest-benchmark ninja timm numpy matplotlib tqdm
+PY_IMPORTS := torch, torchvision, triton, pytest, pytest_benchmark, ninja, timm, numpy, matplotlib, tqdm
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# torch guesses CUDA_HOME from the `nvcc` on PATH, which may be a wrapper script; setup.py asks
+# nvcc for its real toolkit folder, and inductor gets the same answer from here.
+CUDA_HOME  ?= $(shell nvcc --dryrun -c probe.cu -o /dev/null 2>&1 | sed -n 's/^#\$$ TOP=\(.*\)\/bin\/\.\.$$/\1/p' | head -n1)
+ifneq ($(CUDA_HOME),)
+export CUDA_HOME
+endif
+
+.PHONY: all venv deps data build test test-fast demo bench bench-report clean help
+
+all: test
+
+help:
+	@echo "make demo   - PMPL demo on Fashion-MNIST (sets everything up)"
+	@echo "make test   - the test suite (sets everything up)"
+	@echo "make bench  - latency suites into bench/results/"
+
+$(PY):
+	$(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+venv: $(PY)
+
+deps: venv
+	@$(PY) -c "import $(PY_IMPORTS)" 2>/dev/null || $(PY) -m pip install $(PY_DEPS)
+
+data:
+	@[ -f $(DATA_DIR)/train-images-idx3-ubyte.gz ] || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
+
+# Rebuilds when the extension is missing or stale (metapool_kernels refuses to import then).
+build: deps
+	@$(PY) -c "import metapool_kernels" 2>/dev/null || \
+	  $(PY) -m pip install -v -e . --no-build-isolation 2>&1 | tee build.log | grep -E "nvcc|building|Successfully|rror" ; \
+	  $(PY) -c "import metapool_kernels; from metapool_kernels import _extension as e; print('metapool_kernels._C ready; CUDA kernels compiled in:', e.has_cuda_kernels())"
+
+test: build data
+	$(PY) -m pytest tests -q -ra
+
+demo: build data
+	$(PY) -m metapool_kernels.demo
+
+bench: build
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/latest.json
+
+clean:
+	rm -rf build *.egg-info metapool_kernels/*.so build.log

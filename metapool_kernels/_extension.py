@@ -1,0 +1,52 @@
+"""Loads the compiled extension ``metapool_kernels._C`` once, with an actionable error.
+
+Importing it registers the ``torch.ops.metapool`` ops. A build from older ``csrc/`` sources, or
+against another torch, is refused: its ops would silently disagree with the Python side.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+BUILD_HINT = "build it from the repository root with `pip install -e . --no-build-isolation` (or `make build`)"
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _source_hash() -> str | None:
+    """Hash of csrc/ as setup.py computes it; None for an installed (non-editable) package."""
+    if not _CSRC.is_dir():
+        return None
+    h = hashlib.sha256()
+    root = _CSRC.parent
+    for path in sorted(p for p in _CSRC.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _load():
+    try:
+        from metapool_kernels import _C
+    except ImportError as e:  # missing, or linked against another torch
+        raise ImportError(f"metapool_kernels._C could not be loaded ({e}); {BUILD_HINT}") from e
+    if os.environ.get("METAPOOL_SKIP_STALE_CHECK", "0") != "1":
+        expected = _source_hash()
+        if expected is not None and _C.source_hash() != expected:
+            raise ImportError(
+                f"metapool_kernels._C is stale: built from csrc/ hash {_C.source_hash()}, the sources "
+                f"are now {expected}; re{BUILD_HINT}")
+        if _C.torch_version() != torch.__version__:
+            raise ImportError(
+                f"metapool_kernels._C was built against torch {_C.torch_version()} but torch "
+                f"{torch.__version__} is installed; re{BUILD_HINT}")
+    return _C
+
+
+C = _load()
+
+
+def has_cuda_kernels() -> bool:
+    return bool(C.with_cuda())

@@ -1,0 +1,1 @@
+"""Progressive Meta-Pooling Learning (PMPL): search, derive, retrain, evaluate."""

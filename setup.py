@@ -1,0 +1,109 @@
+"""Build metapool_kernels and its extension metapool_kernels._C.
+
+The CPU kernels are always built. The CUDA kernels are built whenever a CUDA toolkit is found
+(even on a machine without a GPU, so nvcc checks them), for the architectures in
+TORCH_CUDA_ARCH_LIST (default: 8.0 and 9.0). METAPOOL_NO_CUDA=1 turns them off.
+"""
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def source_hash() -> str:
+    """Hash of every file under csrc/: baked into the binary so a stale build is detected."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            h.update(os.path.relpath(path, ROOT).encode())
+            h.update(open(path, "rb").read())
+    return h.hexdigest()[:16]
+
+
+def is_toolkit(path) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home():
+    """The folder that really holds bin/nvcc and include/.
+
+    An `nvcc` on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc), which makes torch guess
+    CUDA_HOME=/usr/local. Ask nvcc itself where it lives instead (`--dryrun` prints its TOP).
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if is_toolkit(candidate):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-c", "probe.cu", "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            for line in (out.stdout + out.stderr).splitlines():
+                if "TOP=" in line:
+                    top = os.path.realpath(line.split("TOP=", 1)[1].strip().strip('"'))
+                    if is_toolkit(top):
+                        return top
+        except (OSError, subprocess.SubprocessError):
+            pass
+        guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if is_toolkit(guess):
+            return guess
+    for guess in ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True):
+        if is_toolkit(guess):
+            return guess
+    return None
+
+
+def want_cuda() -> bool:
+    return os.environ.get("METAPOOL_NO_CUDA", "0") not in ("1", "true", "yes")
+
+
+CUDA_HOME = find_cuda_home() if want_cuda() else None
+if CUDA_HOME:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def extension():
+    defines = [
+        ("METAPOOL_SOURCE_HASH", f'"{source_hash()}"'),
+        ("METAPOOL_TORCH_VERSION", f'"{torch.__version__}"'),
+    ]
+    sources = [os.path.join("csrc", "metapool.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    if CUDA_HOME:
+        print(f"metapool_kernels: building CUDA kernels with {CUDA_HOME}/bin/nvcc "
+              f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        return CUDAExtension(
+            "metapool_kernels._C",
+            sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
+            define_macros=defines + [("METAPOOL_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        )
+    reason = "METAPOOL_NO_CUDA is set" if not want_cuda() else "no CUDA toolkit found"
+    print(f"metapool_kernels: building CPU kernels only ({reason})")
+    return CppExtension("metapool_kernels._C", sources, define_macros=defines, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="metapool_kernels",
+    version="0.1.0",
+    description="Fused Triton and C++/CUDA kernels for Meta-Pooling (learnable receptive fields) and the PMPL trainer",
+    packages=find_packages(include=["metapool_kernels", "metapool_kernels.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={"triton": ["triton"], "train": ["torchvision", "tqdm", "matplotlib", "timm"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
