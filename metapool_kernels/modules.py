@@ -69,11 +69,11 @@ class FusedMetaPooling(MetaPooling):
         return self._forward_cpu(x)
 
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(compute_dtype(x.dtype))
         if self.fixed is not None:
             names, pi = (self.fixed,), None
         else:
-            names, pi = self.candidates, self.probs()
-        xc = x.to(compute_dtype(x.dtype))
+            names, pi = self.candidates, torch.softmax(self.alpha.to(xc.dtype), dim=0)
         local = None
         for k, name in enumerate(names):
             if name == "strip":

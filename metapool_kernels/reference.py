@@ -200,7 +200,7 @@ class MetaPooling(nn.Module):
         if self.fixed is not None:
             out = candidate_op(self.fixed, xc, self.gate_h, self.gate_w)
         else:
-            pi = self.probs().to(xc.dtype)
+            pi = torch.softmax(self.alpha.to(xc.dtype), dim=0)  # float64 inputs stay float64 throughout
             out = sum(pi[k] * candidate_op(name, xc, self.gate_h, self.gate_w)
                       for k, name in enumerate(self.candidates))
         return out.to(x.dtype)

@@ -1,0 +1,340 @@
+"""The fused Triton Meta-Pooling kernels (metapool_kernels/ops/meta_pool.py) against the
+independent float64 implementation of DESIGN.md: forward, every gradient, every candidate subset,
+search and fixed modes, tiling edge cases, dtypes, layouts, NaN, ties, determinism, gradcheck,
+opcheck and torch.compile.
+
+On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py when
+there is no GPU); on CUDA compiled. The interpreter pays per operation, so shapes stay small
+except for the few cases that exist to stress tiling.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import independent
+from helpers import PARAM_GRAD_MULT, TOL, X_GRAD_MULT, assert_rel_close, randn, to_layout
+from metapool_kernels import PAPER_CANDIDATES, FusedMetaPooling, MetaPooling
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+def make_layer(channels, candidates, device, seed, fixed=None):
+    layer = FusedMetaPooling(channels, candidates, backend="triton")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.alpha.copy_(torch.randn(len(candidates), generator=g))
+        for p in layer.parameters():
+            if p is not layer.alpha:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    if fixed is not None:
+        layer.fix(fixed)
+    return layer.to(device)
+
+
+def run_and_check(shape, candidates, device, dtype=torch.float32, fixed=None, seed=0, layout="contiguous"):
+    """Forward + backward through the Triton path vs the independent float64 reference."""
+    layer = make_layer(shape[1], candidates, device, seed, fixed)
+    x = randn(shape, seed + 1, dtype, device)
+    grad_out = randn(shape, seed + 2, dtype, device)
+    xin = to_layout(x, layout).requires_grad_()
+    out = layer(xin)
+    out.backward(grad_out)
+
+    params = {k: v.detach().cpu().double().requires_grad_() for k, v in layer.named_parameters()}
+    x64 = x.detach().cpu().double().requires_grad_()
+    ref = independent.meta_pooling(x64, params, candidates, fixed)
+    ref.backward(grad_out.cpu().double())
+
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_rel_close(out, ref, tol, "out")
+    assert_rel_close(xin.grad, x64.grad, X_GRAD_MULT * tol, "grad x")
+    # On tiny planes several candidates coincide and α's gradient cancels to ~0: hold it to the
+    # size of the terms that cancelled.
+    scale = 1e-3 * grad_out.double().norm().item() * x.double().norm().item()
+    if fixed is None and len(candidates) > 1:
+        assert_rel_close(layer.alpha.grad, params["alpha"].grad, PARAM_GRAD_MULT * tol, "grad alpha", scale=scale)
+    if "strip" in candidates and fixed in (None, "strip"):
+        for name in ("gate_h.weight", "gate_h.bias", "gate_w.weight", "gate_w.bias"):
+            got = dict(layer.named_parameters())[name].grad
+            assert_rel_close(got, params[name].grad, PARAM_GRAD_MULT * tol, f"grad {name}", scale=scale)
+    return layer, out, xin.grad
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes, subsets and modes
+# --------------------------------------------------------------------------------------------
+SHAPES = [
+    (2, 3, 9, 11),  # general
+    (1, 2, 1, 1),  # 1×1 plane: every window is the element itself
+    (1, 2, 2, 3),
+    (1, 2, 5, 4),  # H and W smaller than 7
+    (1, 1, 3, 13),  # non-square, wide
+    (1, 1, 13, 2),  # non-square, tall
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_search_all_candidates(device, shape):
+    run_and_check(shape, PAPER_CANDIDATES, device)
+
+
+# Column tiles: the backward covers BLOCK - 6 = 122 output columns per program at most, the
+# forward 256; rows are visited in one sweep per program. These shapes cross those boundaries.
+TILING = [
+    ((1, 1, 4, 123), ("max7", "avg7", "strip", "skip")),
+    ((1, 1, 2, 257), ("avg3", "max5", "strip")),
+    ((1, 1, 56, 56), ("max3", "avg5", "strip")),
+    ((1, 1, 112, 112), ("max7", "avg3")),
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("shape,candidates", TILING, ids=lambda v: "x".join(map(str, v)) if isinstance(v[0], int) else "-".join(v))
+def test_tiling_edges(device, shape, candidates):
+    run_and_check(shape, candidates, device)
+
+
+def _subsets(n, seed=7):
+    rng = random.Random(seed)
+    out = []
+    for size in (2, 3, 5, 6):
+        names = rng.sample(PAPER_CANDIDATES, size)  # random order too: the kernels must not assume it
+        out.append(tuple(names))
+    return out
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("candidates", _subsets(4), ids="-".join)
+def test_candidate_subsets(device, candidates):
+    run_and_check((1, 2, 6, 7), candidates, device)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("name", PAPER_CANDIDATES)
+def test_single_candidate(device, name):
+    run_and_check((1, 2, 5, 6), (name,), device)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("fixed", PAPER_CANDIDATES)
+def test_fixed_layer(device, fixed):
+    run_and_check((2, 2, 6, 5), PAPER_CANDIDATES, device, fixed=fixed)
+
+
+@pytest.mark.parametrize("fixed", PAPER_CANDIDATES)
+def test_fixed_layer_launches_only_its_op(monkeypatch, fixed):
+    """A fixed layer runs a kernel specialised to its op alone (nothing at all for skip)."""
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("needs the interpreter or a GPU")
+    from metapool_kernels.ops import meta_pool as mp
+    seen = []
+    real = mp._flags
+    monkeypatch.setattr(mp, "_flags", lambda names: seen.append(tuple(names)) or real(names))
+    device = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+    layer = make_layer(2, PAPER_CANDIDATES, device, 0, fixed)
+    x = randn((1, 2, 4, 5), 1, device=device).requires_grad_()
+    out = layer(x)
+    out.sum().backward()
+    if fixed == "skip":
+        assert seen == [] and out is x
+    else:
+        assert seen and all(names == (fixed,) for names in seen)
+
+
+# --------------------------------------------------------------------------------------------
+# Dtypes and layouts
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("fixed", [None, "max5", "strip"])
+def test_float16(device, fixed):
+    run_and_check((1, 2, 6, 7), PAPER_CANDIDATES, device, dtype=torch.float16, fixed=fixed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter has no bfloat16; checked by the AOT compile test")
+@pytest.mark.parametrize("fixed", [None, "avg7", "max7", "strip"])
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (2, 24, 56, 56)])
+def test_bfloat16_cuda(fixed, shape):
+    run_and_check(shape, PAPER_CANDIDATES, "cuda", dtype=torch.bfloat16, fixed=fixed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 24, 56, 56), (2, 96, 14, 14), (2, 320, 7, 7), (1, 16, 112, 112)])
+def test_mobilenet_shapes_cuda(dtype, shape):
+    run_and_check(shape, PAPER_CANDIDATES, "cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+def test_layouts_match_contiguous(device, layout):
+    _, out, gx = run_and_check((1, 2, 5, 6), PAPER_CANDIDATES, device, layout=layout)
+    _, out_c, gx_c = run_and_check((1, 2, 5, 6), PAPER_CANDIDATES, device)
+    torch.testing.assert_close(out, out_c, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_inputs_not_written(device):
+    layer = make_layer(2, PAPER_CANDIDATES, device, 0)
+    x = randn((1, 2, 5, 6), 3, device=device)
+    before = x.clone()
+    layer(x.requires_grad_()).sum().backward()
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("fixed", [None, "max3", "strip"])
+def test_empty_batch(device, fixed):
+    layer = make_layer(2, PAPER_CANDIDATES, device, 0, fixed)
+    x = torch.empty(0, 2, 5, 5, device=device, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 2, 5, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    if fixed is None:
+        assert torch.equal(layer.alpha.grad, torch.zeros_like(layer.alpha))
+
+
+# --------------------------------------------------------------------------------------------
+# NaN, ties, determinism
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("name", ["max3", "max5", "max7", "avg5"])
+def test_nan_propagates(device, name):
+    x = randn((1, 2, 7, 9), 5, device=device)
+    x[0, 0, 3, 4] = float("nan")
+    x[0, 1, 0, 8] = float("nan")
+    out = FusedMetaPooling(2, (name,), backend="triton").to(device)(x)
+    ref = independent.local_op(name, x.cpu().double())
+    assert out.isnan().any()
+    assert torch.equal(out.isnan().cpu(), ref.isnan())
+    assert_rel_close(out, ref, TOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("name", ["max3", "max5", "max7"])
+def test_max_ties_follow_pytorch(device, name):
+    """ReLU features are full of equal values: a tie's gradient goes to the first maximum in
+    row-major window order, exactly as max_pool2d's backward sends it."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(-2, 3, (2, 2, 8, 9), generator=g).float().relu().to(device)
+    grad_out = torch.randn(x.shape, generator=g).to(device)
+    xf = x.clone().requires_grad_()
+    FusedMetaPooling(2, (name,), backend="triton").to(device)(xf).backward(grad_out)
+    xr = x.clone().requires_grad_()
+    k = int(name[3:])
+    F.max_pool2d(xr, k, stride=1, padding=k // 2).backward(grad_out)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_deterministic(device):
+    outs = []
+    for _ in range(2):
+        layer = make_layer(3, PAPER_CANDIDATES, device, 4)
+        x = randn((2, 3, 9, 10), 6, device=device).requires_grad_()
+        out = layer(x)
+        out.backward(randn(out.shape, 7, device=device))
+        outs.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd, custom-op registration, torch.compile
+# --------------------------------------------------------------------------------------------
+def _gradcheck_inputs(shape, candidates, device):
+    from metapool_kernels.ops.meta_pool import meta_pool
+    g = torch.Generator().manual_seed(3)
+    C = shape[1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    alpha = torch.randn(len(candidates), generator=g, dtype=torch.float64).to(device).requires_grad_()
+    gates = [torch.randn(s, generator=g, dtype=torch.float64).mul(0.5).to(device).requires_grad_()
+             for s in ((C, C, 1), (C,), (C, C, 1), (C,))]
+    return meta_pool, x, alpha, gates
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_gradcheck_search(device):
+    meta_pool, x, alpha, gates = _gradcheck_inputs((1, 2, 4, 5), PAPER_CANDIDATES, device)
+    assert torch.autograd.gradcheck(lambda x, a, *g: meta_pool(x, a, PAPER_CANDIDATES, g),
+                                    (x, alpha, *gates), fast_mode=True)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("fixed", ["avg5", "max7", "strip"])
+def test_gradcheck_fixed(device, fixed):
+    meta_pool, x, _, gates = _gradcheck_inputs((1, 2, 5, 6), (fixed,), device)
+    if fixed == "strip":
+        fn, inputs = (lambda x, *g: meta_pool(x, None, (fixed,), g)), (x, *gates)
+    else:
+        fn, inputs = (lambda x: meta_pool(x, None, (fixed,))), (x,)
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_opcheck(device):
+    from metapool_kernels.ops import meta_pool as mp
+    C = 2
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, C, 3, 4, generator=g).to(device).requires_grad_()
+    pi = torch.softmax(torch.randn(3, generator=g), 0).to(device).requires_grad_()
+    gates = [torch.randn(s, generator=g).to(device).requires_grad_() for s in ((C, C, 1), (C,), (C, C, 1), (C,))]
+    torch.library.opcheck(torch.ops.metapool.meta_pool.default, (x, pi, *gates, "skip,max3,strip"))
+    out, z_h, z_w = torch.ops.metapool.meta_pool(x, pi, *gates, "skip,max3,strip")
+    torch.library.opcheck(torch.ops.metapool.meta_pool_backward.default,
+                          (torch.randn_like(out), x.detach(), pi.detach(), *[t.detach() for t in gates], z_h, z_w,
+                           "skip,max3,strip"))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_torch_compile_fullgraph(device):
+    """A model using the layer compiles without graph breaks and gives the eager numbers."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), make_layer(3, PAPER_CANDIDATES, device, 2)).to(device)
+    x = randn((1, 2, 5, 6), 8, device=device)
+    eager = model(x)
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert model[1].alpha.grad is not None and model[0].weight.grad is not None
+
+
+def test_bad_arguments():
+    from metapool_kernels.ops.meta_pool import meta_pool
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="alpha must have shape"):
+        meta_pool(x, torch.zeros(3), PAPER_CANDIDATES)
+    with pytest.raises(ValueError, match="alpha is required"):
+        meta_pool(x, None, ("avg3", "max3"))
+    with pytest.raises(ValueError, match="needs gates"):
+        meta_pool(x, torch.zeros(1), ("strip",))
+    with pytest.raises(ValueError, match="gate_h.weight must have shape"):
+        meta_pool(x, torch.zeros(1), ("strip",), (torch.zeros(3, 3, 1), torch.zeros(2), torch.zeros(2, 2, 1), torch.zeros(2)))
+    with pytest.raises(ValueError, match="unknown candidate"):
+        meta_pool(x, torch.zeros(1), ("avg9",))
+    with pytest.raises(TypeError, match="floating-point"):
+        meta_pool(torch.ones(1, 2, 4, 4, dtype=torch.int32), None, ("avg3",))
+    with pytest.raises(ValueError, match="4-D"):
+        meta_pool(torch.randn(2, 4, 4), None, ("avg3",))
+
+
+def test_state_dict_interchangeable_with_reference():
+    ref = MetaPooling(3)
+    fused = FusedMetaPooling(3, backend="triton")
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    fused.load_state_dict(ref.state_dict())

@@ -1,0 +1,321 @@
+"""FusedMetaPooling on its CPU backends ("cpu", "torch", "auto") against MetaPooling and the
+independent float64 implementation; state_dict compatibility; backend selection and its errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import independent as ind
+from helpers import (DEVICES, PARAM_GRAD_MULT, TOL, X_GRAD_MULT, assert_rel_close, randn, to_layout)
+from metapool_kernels import FusedMetaPooling, MetaPooling, modules
+from metapool_kernels.reference import PAPER_CANDIDATES
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+CPU_BACKENDS = ["cpu", "torch", "auto"]
+SHAPES = [(2, 3, 5, 4), (1, 2, 1, 1), (2, 4, 8, 9)]
+MODES = [None, "strip", "max7", "avg3", "skip"]
+SUBSETS = [("strip",), ("skip", "strip"), ("avg5", "max3"), ("strip", "max5", "avg7"),
+           ("max7", "skip", "strip", "avg3")]
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    # A METAPOOL_BACKEND in the caller's environment would silently change what "auto" runs.
+    monkeypatch.delenv("METAPOOL_BACKEND", raising=False)
+
+
+def make_pair(channels, candidates=PAPER_CANDIDATES, backend="auto", seed=0, fixed=None, dtype=torch.float32):
+    """A MetaPooling with random alpha and gates, and a FusedMetaPooling loaded from its state_dict."""
+    ref = MetaPooling(channels, candidates)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(ref.named_parameters())):
+            p.copy_(randn(p.shape, seed=500 + 13 * seed + i, scale=1.0 if name == "alpha" else 0.5))
+    if fixed is not None:
+        ref.fix(fixed)
+    fused = FusedMetaPooling(channels, candidates, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    assert fused.fixed == ref.fixed
+    if dtype == torch.float64:
+        # 1e-12 against float64 needs float64 parameters (a float32 softmax alone is ~1e-8 off).
+        ref.double()
+        fused.double()
+    return ref, fused
+
+
+def forward_backward(layer, x, grad_out):
+    x = x.detach().requires_grad_(True)
+    for p in layer.parameters():
+        p.grad = None
+    out = layer(x)
+    out.backward(grad_out)
+    grads = {"x": x.grad}
+    grads.update({k: p.grad for k, p in layer.named_parameters()})
+    return out.detach(), grads
+
+
+def independent_forward_backward(layer, x, grad_out):
+    x64 = x.detach().double().requires_grad_(True)
+    params = ind.module_params(layer)
+    out = ind.meta_pooling(x64, params, layer.candidates, layer.fixed)
+    out.backward(grad_out.double())
+    grads = {"x": x64.grad}
+    grads.update({k: p.grad for k, p in params.items()})
+    return out.detach(), grads
+
+
+def compare(fused, ref, x, go, tol, what):
+    out, grads = forward_backward(fused, x, go)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    r_out, r_grads = forward_backward(ref, x, go)
+    i_out, i_grads = independent_forward_backward(ref, x, go)
+    # The contract is the float64 semantics; MetaPooling in the same dtype is the drop-in check.
+    assert_rel_close(out, i_out, tol, f"{what} output vs independent")
+    assert_rel_close(out, r_out, 2 * tol, f"{what} output vs MetaPooling")
+    for k, g in grads.items():
+        if r_grads[k] is None:
+            assert g is None or not g.any(), f"{what}: {k} gets a gradient MetaPooling does not give"
+            continue
+        assert g is not None, f"{what}: no gradient for {k}"
+        assert g.dtype == r_grads[k].dtype, k
+        mult = X_GRAD_MULT if k == "x" else PARAM_GRAD_MULT
+        scale = 1e-3 * go.double().norm().item() * x.double().norm().item() if k == "alpha" else 0.0
+        assert_rel_close(g, i_grads[k], tol * mult, f"{what} grad {k} vs independent", scale)
+        assert_rel_close(g, r_grads[k], 2 * tol * mult, f"{what} grad {k} vs MetaPooling", scale)
+
+
+def _check_backend(backend, dtype, fixed, shape):
+    seed = SHAPES.index(shape) * 7 + MODES.index(fixed)
+    ref, fused = make_pair(shape[1], backend=backend, seed=seed, fixed=fixed, dtype=dtype)
+    x, go = randn(shape, seed, dtype), randn(shape, seed + 1, dtype)
+    compare(fused, ref, x, go, TOL[dtype], f"{backend}/{dtype}/{fixed or 'search'}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("fixed", MODES, ids=lambda m: m or "search")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_backend(dtype, fixed, shape):
+    _check_backend("cpu", dtype, fixed, shape)
+
+
+# "auto" resolves to the same kernels as "cpu" on CPU tensors and "torch" is MetaPooling's own
+# forward: a lighter sweep shows both are wired to the right numbers.
+@pytest.mark.parametrize("fixed", [None, "strip"], ids=lambda m: m or "search")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_auto_and_torch_backends(backend, dtype, fixed):
+    _check_backend(backend, dtype, fixed, SHAPES[0])
+
+
+@pytest.mark.parametrize("candidates", SUBSETS, ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_subsets_cpu_backend(dtype, candidates):
+    seed = SUBSETS.index(candidates)
+    ref, fused = make_pair(3, candidates, backend="cpu", seed=seed, dtype=dtype)
+    x, go = randn((2, 3, 6, 7), seed, dtype), randn((2, 3, 6, 7), seed + 1, dtype)
+    compare(fused, ref, x, go, TOL[dtype], "+".join(candidates))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_layouts(backend, layout):
+    ref, fused = make_pair(4, backend=backend, seed=3)
+    x, go = randn((2, 4, 6, 5), 30), randn((2, 4, 6, 5), 31)
+    out, grads = forward_backward(fused, x, go)
+    out_l, grads_l = forward_backward(fused, to_layout(x, layout), to_layout(go, layout))
+    assert_rel_close(out_l, out, TOL[torch.float32], "output")
+    for k in grads:
+        assert_rel_close(grads_l[k], grads[k], TOL[torch.float32] * X_GRAD_MULT, f"grad {k}")
+    i_out, _ = independent_forward_backward(ref, x, go)
+    assert_rel_close(out_l, i_out, TOL[torch.float32], "output vs independent")
+
+
+@pytest.mark.parametrize("fixed", [None, "strip", "avg7"], ids=lambda m: m or "search")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch(backend, fixed):
+    _, fused = make_pair(3, backend=backend, fixed=fixed)
+    x = torch.randn(0, 3, 4, 5, dtype=torch.float16).requires_grad_(True)
+    out = fused(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inputs_not_written(backend):
+    _, fused = make_pair(3, backend=backend, seed=4)
+    x, go = randn((2, 3, 5, 5), 40), randn((2, 3, 5, 5), 41)
+    keep_x, keep_go = x.clone(), go.clone()
+    keep_state = {k: v.clone() for k, v in fused.state_dict().items() if isinstance(v, torch.Tensor)}
+    x.requires_grad_(True)
+    fused(x).backward(go)
+    assert torch.equal(x.detach(), keep_x) and torch.equal(go, keep_go)
+    for k, v in fused.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, keep_state[k]), k
+
+
+# --------------------------------------------------------------------------------------------
+# Which kernels run.
+# --------------------------------------------------------------------------------------------
+def _count_strip_gate(monkeypatch):
+    calls = []
+    real = modules.ops.strip_gate
+
+    def counting(*args, **kw):
+        calls.append(args)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(modules.ops, "strip_gate", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend,uses_cpp", [("cpu", True), ("auto", True), ("torch", False)])
+def test_backend_dispatch_on_cpu(backend, uses_cpp, monkeypatch):
+    calls = _count_strip_gate(monkeypatch)
+    _, fused = make_pair(3, backend=backend, seed=5)
+    fused(randn((1, 3, 4, 4), 50))
+    assert (len(calls) == 1) == uses_cpp, f"backend {backend!r}: C++ strip gate called {len(calls)} times"
+
+
+def test_env_selects_torch_backend(monkeypatch):
+    calls = _count_strip_gate(monkeypatch)
+    ref, fused = make_pair(3, backend="auto", seed=6)
+    monkeypatch.setenv("METAPOOL_BACKEND", " Torch ")
+    x = randn((1, 3, 4, 4), 60)
+    assert_rel_close(fused(x), ref(x), TOL[torch.float32], "METAPOOL_BACKEND=torch")
+    assert not calls
+
+
+def test_env_does_not_override_explicit_backend(monkeypatch):
+    calls = _count_strip_gate(monkeypatch)
+    _, fused = make_pair(3, backend="cpu", seed=6)
+    monkeypatch.setenv("METAPOOL_BACKEND", "torch")
+    fused(randn((1, 3, 4, 4), 61))
+    assert len(calls) == 1
+
+
+def test_fixed_computes_only_that_op(monkeypatch):
+    seen = []
+    real = modules.local_op
+
+    def counting(name, x):
+        seen.append(name)
+        return real(name, x)
+
+    monkeypatch.setattr(modules, "local_op", counting)
+    calls = _count_strip_gate(monkeypatch)
+    _, fused = make_pair(3, backend="cpu", seed=7, fixed="max5")
+    fused(randn((1, 3, 4, 4), 70))
+    assert seen == ["max5"] and not calls
+    seen.clear()
+    fused.fix("strip")
+    fused(randn((1, 3, 4, 4), 71))
+    assert seen == [] and len(calls) == 1
+    assert calls[0][3] is None and calls[0][4] is None  # no base, no weight: strip alone, unweighted
+
+
+# --------------------------------------------------------------------------------------------
+# state_dict, repr.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("candidates", [PAPER_CANDIDATES, ("avg3", "max3")], ids=["paper", "local"])
+def test_state_dict_keys_and_cross_loading(candidates):
+    ref, fused = make_pair(4, candidates, backend="cpu", seed=8)
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    # Fused -> reference, with a fixed choice travelling along.
+    fused.fix(candidates[-1])
+    back = MetaPooling(4, candidates)
+    back.load_state_dict(fused.state_dict())
+    assert back.fixed == candidates[-1] and not back.alpha.requires_grad
+    for k, v in fused.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, back.state_dict()[k]), k
+    x = randn((2, 4, 5, 5), 80)
+    assert_rel_close(fused(x), back(x), TOL[torch.float32], "cross-loaded fixed layer")
+    # A layer with other candidates refuses the checkpoint (alpha's size, or the fixed op).
+    with pytest.raises((RuntimeError, ValueError)):
+        other = ("skip",) if "strip" in candidates else PAPER_CANDIDATES
+        MetaPooling(4, other).load_state_dict(fused.state_dict())
+
+
+@pytest.mark.parametrize("backend", modules.BACKENDS)
+def test_repr(backend):
+    layer = FusedMetaPooling(6, ("skip", "strip"), backend=backend)
+    text = repr(layer)
+    assert "FusedMetaPooling" in text and repr(backend) in text and "strip" in text
+    layer.fix("skip")
+    assert "fixed='skip'" in repr(layer)
+    assert "avg3" in repr(FusedMetaPooling(2, ("avg3",)))
+
+
+def test_same_attributes_as_reference():
+    fused = FusedMetaPooling(5)
+    assert fused.candidates == PAPER_CANDIDATES and fused.fixed is None and fused.backend == "auto"
+    assert fused.alpha.shape == (8,) and not fused.alpha.any()
+    assert isinstance(fused, MetaPooling)
+    assert FusedMetaPooling(5, ("avg3",)).gate_h is None
+
+
+# --------------------------------------------------------------------------------------------
+# Bad backends and bad input.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cuda", "Triton", "", None, "inductor"])
+def test_bad_backend_name(backend):
+    with pytest.raises(ValueError, match="backend"):
+        FusedMetaPooling(3, backend=backend)
+
+
+@pytest.mark.parametrize("value", ["bogus", "gpu", "cuda"])
+def test_bad_env_backend(value, monkeypatch):
+    monkeypatch.setenv("METAPOOL_BACKEND", value)
+    fused = FusedMetaPooling(3)
+    with pytest.raises(ValueError, match="METAPOOL_BACKEND"):
+        fused(randn((1, 3, 4, 4), 90))
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fused = FusedMetaPooling(3, backend="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fused(randn((1, 3, 4, 4), 91))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fused(randn((1, 3, 4, 4), 91))
+
+
+def test_env_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("METAPOOL_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        FusedMetaPooling(3)(randn((1, 3, 4, 4), 92))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cpu_backend_on_cuda_tensor():
+    fused = FusedMetaPooling(3, backend="cpu").cuda()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        fused(torch.randn(1, 3, 4, 4, device="cuda"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
+@pytest.mark.parametrize("x,exc,match", [
+    (torch.randn(3, 4, 4), ValueError, "4-D"),
+    (torch.randn(1, 5, 4, 4), ValueError, "channels"),
+    (torch.ones(1, 3, 4, 4, dtype=torch.int64), TypeError, "floating-point"),
+    (torch.randn(1, 3, 4, 4, dtype=torch.complex64), TypeError, "floating-point"),
+    (torch.randn(1, 3, 4, 4, device="meta"), ValueError, "same device"),
+], ids=["3d", "channels", "int", "complex", "device"])
+def test_bad_input(backend, x, exc, match):
+    # Validation runs before backend selection, so even the triton backend reports the input.
+    with pytest.raises(exc, match=match):
+        FusedMetaPooling(3, backend=backend)(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_moves_with_device(device):
+    _, fused = make_pair(3, backend="auto", seed=9)
+    fused = fused.to(device)
+    x = randn((1, 3, 5, 5), 93, device=device)
+    if device == "cuda":
+        pytest.importorskip("metapool_kernels.ops.meta_pool")
+    assert_rel_close(fused(x), ind.meta_pooling(x, ind.module_params(fused, False), fused.candidates),
+                     TOL[torch.float32], f"auto on {device}")
