@@ -39,7 +39,6 @@ __all__ = ["meta_pool"]
 
 # Canonical slots of the local candidates in the kernels' weight vector.
 LOCAL_SLOT = {name: i for i, name in enumerate(LOCAL_CANDIDATES)}  # skip, avg3, avg5, avg7, max3, max5, max7
-MAX_RADIUS = 3
 
 
 # =============================================================================================
@@ -67,6 +66,44 @@ def _ring_max(ring, in_win):
 
 
 @triton.jit
+def _load_local_weights(w_ptr, acc_t: tl.constexpr):
+    """π of skip, avg3, avg5, avg7, max3, max5, max7 (zero where a candidate is absent)."""
+    return (tl.load(w_ptr + 0).to(acc_t), tl.load(w_ptr + 1).to(acc_t), tl.load(w_ptr + 2).to(acc_t),
+            tl.load(w_ptr + 3).to(acc_t), tl.load(w_ptr + 4).to(acc_t), tl.load(w_ptr + 5).to(acc_t),
+            tl.load(w_ptr + 6).to(acc_t))
+
+
+@triton.jit
+def _row_partials(row_ptr, cols, row_ok, W, R: tl.constexpr, acc_t: tl.constexpr):
+    """Sums and maxima of one row over the 3-, 5- and 7-wide windows centred on each column.
+
+    One set of 2R+1 shifted loads (the neighbouring columns are in cache) serves all three
+    sizes: the separable first half of every local candidate. Padding never wins a max, adds
+    nothing to a sum, and NaN propagates as in max_pool2d.
+    """
+    s3 = tl.zeros(cols.shape, acc_t)
+    s5 = tl.zeros(cols.shape, acc_t)
+    s7 = tl.zeros(cols.shape, acc_t)
+    m3 = tl.full(cols.shape, float("-inf"), acc_t)
+    m5 = tl.full(cols.shape, float("-inf"), acc_t)
+    m7 = tl.full(cols.shape, float("-inf"), acc_t)
+    for dd in tl.static_range(0, 2 * R + 1):
+        d = dd - R  # constexpr: static_range unrolls
+        ok = row_ok & (cols + d >= 0) & (cols + d < W)
+        v = tl.load(row_ptr + cols + d, mask=ok, other=0.0).to(acc_t)
+        vm = tl.where(ok, v, float("-inf"))
+        if d * d <= 1:
+            s3 += v
+            m3 = tl.maximum(m3, vm, propagate_nan=tl.PropagateNan.ALL)
+        if d * d <= 4:
+            s5 += v
+            m5 = tl.maximum(m5, vm, propagate_nan=tl.PropagateNan.ALL)
+        s7 += v
+        m7 = tl.maximum(m7, vm, propagate_nan=tl.PropagateNan.ALL)
+    return s3, s5, s7, m3, m5, m7
+
+
+@triton.jit
 def _meta_pool_forward_kernel(
     x_ptr, w_ptr, out_ptr, zh_ptr, zw_ptr,
     H, W, rows_per_prog, n_planes,
@@ -88,13 +125,7 @@ def _meta_pool_forward_kernel(
     r1 = tl.minimum(r0 + rows_per_prog, H)
     slots = tl.arange(0, RING)
 
-    w_skip = tl.load(w_ptr + 0).to(acc_t)
-    w_avg3 = tl.load(w_ptr + 1).to(acc_t)
-    w_avg5 = tl.load(w_ptr + 2).to(acc_t)
-    w_avg7 = tl.load(w_ptr + 3).to(acc_t)
-    w_max3 = tl.load(w_ptr + 4).to(acc_t)
-    w_max5 = tl.load(w_ptr + 5).to(acc_t)
-    w_max7 = tl.load(w_ptr + 6).to(acc_t)
+    w_skip, w_avg3, w_avg5, w_avg7, w_max3, w_max5, w_max7 = _load_local_weights(w_ptr, acc_t)
     inv_w3 = 1.0 / _window_count(col2, 1, W)
     inv_w5 = 1.0 / _window_count(col2, 2, W)
     inv_w7 = 1.0 / _window_count(col2, 3, W)
@@ -111,26 +142,7 @@ def _meta_pool_forward_kernel(
     for step in range(0, r1 - r0 + 2 * R):
         t = r0 - R + step  # newest input row
         t_ok = ((zero_i + t) >= 0) & ((zero_i + t) < H) & lane_ok
-        # Horizontal partials of row t from shifted loads (the neighbouring columns are in cache).
-        s3 = tl.zeros([PB, BLOCK], acc_t)
-        s5 = tl.zeros([PB, BLOCK], acc_t)
-        s7 = tl.zeros([PB, BLOCK], acc_t)
-        m3 = tl.full([PB, BLOCK], float("-inf"), acc_t)
-        m5 = tl.full([PB, BLOCK], float("-inf"), acc_t)
-        m7 = tl.full([PB, BLOCK], float("-inf"), acc_t)
-        for dd in tl.static_range(0, 2 * R + 1):
-            d = dd - R  # constexpr: static_range unrolls
-            ok = t_ok & (col2 + d >= 0) & (col2 + d < W)
-            v = tl.load(x_ptr + plane_base + t * W + col2 + d, mask=ok, other=0.0).to(acc_t)
-            vm = tl.where(ok, v, float("-inf"))
-            if d * d <= 1:
-                s3 += v
-                m3 = tl.maximum(m3, vm, propagate_nan=tl.PropagateNan.ALL)
-            if d * d <= 4:
-                s5 += v
-                m5 = tl.maximum(m5, vm, propagate_nan=tl.PropagateNan.ALL)
-            s7 += v
-            m7 = tl.maximum(m7, vm, propagate_nan=tl.PropagateNan.ALL)
+        s3, s5, s7, m3, m5, m7 = _row_partials(x_ptr + plane_base + t * W, col2 + zero_i, t_ok, W, R, acc_t)
         sel = (slots == step % RING)[:, None, None]
         ring_row = tl.where(slots == step % RING, t, ring_row)
         if HAS_AVG3:
@@ -276,16 +288,7 @@ def _meta_pool_backward_kernel(
     scratch = scratch_ptr + pid * (PB * 2 * BLOCK)
     slots = tl.arange(0, RING)
 
-    w_skip = tl.load(w_ptr + 0).to(acc_t)
-    w_avg3 = tl.load(w_ptr + 1).to(acc_t)
-    w_avg5 = tl.load(w_ptr + 2).to(acc_t)
-    w_avg7 = tl.load(w_ptr + 3).to(acc_t)
-    w_max3 = tl.load(w_ptr + 4).to(acc_t)
-    w_max5 = tl.load(w_ptr + 5).to(acc_t)
-    w_max7 = tl.load(w_ptr + 6).to(acc_t)
-    inv_w3 = 1.0 / _window_count(q2, 1, W)
-    inv_w5 = 1.0 / _window_count(q2, 2, W)
-    inv_w7 = 1.0 / _window_count(q2, 3, W)
+    w_skip, w_avg3, w_avg5, w_avg7, w_max3, w_max5, w_max7 = _load_local_weights(w_ptr, acc_t)
     if HAS_STRIP:
         w_strip = tl.load(strip_w_ptr).to(acc_t)
         sw = tl.load(sw_ptr + planes[:, None].to(tl.int64) * W + q2, mask=q_ok, other=0.0).to(acc_t)
@@ -333,19 +336,7 @@ def _meta_pool_backward_kernel(
             a7r = tl.where(sel, 0.0, a7r)
         if HAS_MAX3 or HAS_MAX5 or HAS_MAX7:
             t_ok = ((zero_i + t) >= 0) & ((zero_i + t) < H) & plane_ok
-            m3 = tl.full([PB, BLOCK], float("-inf"), acc_t)
-            m5 = tl.full([PB, BLOCK], float("-inf"), acc_t)
-            m7 = tl.full([PB, BLOCK], float("-inf"), acc_t)
-            for dd in tl.static_range(0, 2 * R + 1):
-                d = dd - R  # constexpr: static_range unrolls
-                ok = t_ok & (q2 + d >= 0) & (q2 + d < W)
-                v = tl.load(x_ptr + plane_base + t * W + q2 + d, mask=ok, other=0.0).to(acc_t)
-                v = tl.where(ok, v, float("-inf"))
-                if d * d <= 1:
-                    m3 = tl.maximum(m3, v)
-                if d * d <= 4:
-                    m5 = tl.maximum(m5, v)
-                m7 = tl.maximum(m7, v)
+            _s3, _s5, _s7, m3, m5, m7 = _row_partials(x_ptr + plane_base + t * W, q2 + zero_i, t_ok, W, R, acc_t)
             if HAS_MAX3:
                 m3r = tl.where(sel, m3[None, :, :], m3r)
             if HAS_MAX5:
