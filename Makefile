@@ -49,8 +49,17 @@ test: build data
 demo: build data
 	$(PY) -m metapool_kernels.demo
 
+# Every suite on the device present (CUDA if torch sees one), one JSON into bench/results/, then
+# bench/RESULTS.md from all of them. Knobs: BENCH_SCOPE=smoke|quick|default|full, BENCH_THREADS (1; 0: torch's),
+# BENCH_DEVICE=auto|cpu|cuda, BENCH_GENOTYPE=file.json, BENCH_ARGS="-k ..." (see bench/README.md).
+# The report is rendered even when a variant failed (its error is a row); the exit status is pytest's.
+BENCH_ARGS ?=
 bench: build
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/latest.json
+	@status=0; $(PY) -m pytest bench -q -p no:cacheprovider $(BENCH_ARGS) || status=$$?; \
+	  $(PY) -m bench.report && exit $$status
+
+bench-report:
+	$(PY) -m bench.report
 
 clean:
 	rm -rf build *.egg-info metapool_kernels/*.so build.log

@@ -1,0 +1,153 @@
+"""pytest plumbing of the bench suites: options, case parametrisation, and one result file per run.
+
+Options (each also read from an environment variable, which is how `make bench` passes them):
+  --bench-scope    smoke | quick | default | full   (BENCH_SCOPE, default "default")
+  --bench-device   auto | cpu | cuda                (BENCH_DEVICE, default "auto": CUDA when present)
+  --bench-threads  CPU threads (BENCH_THREADS, default 1; 0 = torch's default)
+  --bench-out      folder for the result JSON       (BENCH_OUT, default bench/results)
+  --bench-genotype genotype JSON for the derived rows (BENCH_GENOTYPE; default cases.DERIVED_GENOTYPE)
+  --bench-compile-backend  torch.compile backend    (BENCH_COMPILE_BACKEND, default "inductor")
+pytest-benchmark's --benchmark-disable is honoured: every variant runs once, untimed, nothing is written.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+
+from .cases import (BenchError, model_variants, op_cases, strip_gate_cases, TRAIN_VARIANTS)
+from .common import (ONCE, RESULTS_DIR, SCOPES, TIMING, Results, TimingConfig, copy_bandwidth, device_name,
+                     environment)
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("bench", "metapool_kernels benchmarks")
+    g.addoption("--bench-scope", default=os.environ.get("BENCH_SCOPE") or "default", choices=SCOPES,
+                help="how much of the matrix to run (default: %(default)s)")
+    g.addoption("--bench-device", default=os.environ.get("BENCH_DEVICE") or "auto", choices=("auto", "cpu", "cuda"))
+    # One thread by default: reproducible on shared machines, where a multi-threaded run measures the
+    # neighbours (see README.md). 0 keeps torch's default.
+    threads = os.environ.get("BENCH_THREADS")
+    g.addoption("--bench-threads", type=int, default=int(threads) if threads not in (None, "") else 1,
+                help="torch.set_num_threads for the CPU rows (default 1; 0 keeps torch's default)")
+    g.addoption("--bench-out", default=os.environ.get("BENCH_OUT") or str(RESULTS_DIR))
+    g.addoption("--bench-genotype", default=os.environ.get("BENCH_GENOTYPE") or None,
+                help="genotype JSON (metapool_kernels.models.save_genotype) for the derived-network rows")
+    g.addoption("--bench-compile-backend", default=os.environ.get("BENCH_COMPILE_BACKEND") or "inductor")
+
+
+class BenchRun:
+    """Settings of this run, the rows measured so far, and the copy bandwidth per device."""
+
+    def __init__(self, config):
+        self.scope: str = config.getoption("bench_scope")
+        want = config.getoption("bench_device")
+        if want == "cuda" and not torch.cuda.is_available():
+            raise pytest.UsageError("--bench-device=cuda but torch sees no CUDA device")
+        self.device: str = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+        threads = config.getoption("bench_threads")
+        if threads:
+            torch.set_num_threads(threads)
+        if self.device == "cuda":
+            # Model latency with cuDNN's own algorithm choice, as a deployment would run.
+            torch.backends.cudnn.benchmark = True
+        self.out = Path(config.getoption("bench_out"))
+        self.compile_backend: str = config.getoption("bench_compile_backend")
+        self.disabled: bool = bool(config.getoption("benchmark_disable", default=False))
+        genotype_path = config.getoption("bench_genotype")
+        self.genotype = None
+        if genotype_path:
+            from metapool_kernels.models import check_genotype, load_genotype
+            self.genotype = check_genotype(load_genotype(genotype_path))
+        self.results = Results(environment(self.device, self.scope))
+        if genotype_path:
+            self.results.env["genotype_file"] = str(genotype_path)
+        self.results.env["benchmark_disabled"] = self.disabled
+
+    def timing(self, suite: str, device: Optional[str] = None) -> TimingConfig:
+        return ONCE if self.disabled else TIMING[(suite, device or self.device)]
+
+    def copy_gbps(self, device: Optional[str] = None) -> Optional[float]:
+        """The device's copy bandwidth, measured once per run, before the first row that needs it."""
+        device = device or self.device
+        name = device_name(device)
+        if name not in self.results.copy:
+            if self.disabled:
+                return None
+            self.results.copy[name] = copy_bandwidth(device)
+        return self.results.copy[name]["gbps"]
+
+    def run(self, suite: str, case_id: str, fn: Callable[..., Any], *args, **kwargs):
+        """Run a case, keep its rows (failed variants included), fail the test if any variant failed."""
+        try:
+            rows = fn(*args, **kwargs)
+        except BenchError as e:
+            self.results.add(e.rows)
+            pytest.fail(f"{case_id}: {e}", pytrace=False)
+        except Exception as e:
+            self.results.add([{"suite": suite, "case": case_id, "device": self.device,
+                               "device_name": device_name(self.device), "error": f"{type(e).__name__}: {e}"[:400]}])
+            raise
+        self.results.add(rows)
+        return rows
+
+
+def pytest_configure(config):
+    config._bench_run = None
+
+
+def _run_state(config) -> BenchRun:
+    if config._bench_run is None:
+        config._bench_run = BenchRun(config)
+    return config._bench_run
+
+
+@pytest.fixture(scope="session")
+def bench(request) -> BenchRun:
+    return _run_state(request.config)
+
+
+def pytest_generate_tests(metafunc):
+    names = metafunc.fixturenames
+    if not any(n in names for n in ("op_case", "model_variant", "train_key", "strip_gate_case", "cpu_model_variant")):
+        return
+    s = _run_state(metafunc.config)
+    if "op_case" in names:
+        cases = op_cases(s.device, s.scope)
+        metafunc.parametrize("op_case", cases, ids=[c.id for c in cases])
+    if "model_variant" in names:
+        variants = model_variants(s.genotype)
+        metafunc.parametrize("model_variant", variants, ids=[v.key for v in variants])
+    if "cpu_model_variant" in names:
+        variants = [v for v in model_variants(s.genotype)
+                    if v.key in ("skip", "derived-eager", "derived-fused", "skip-again")]
+        metafunc.parametrize("cpu_model_variant", variants, ids=[v.key for v in variants])
+    if "train_key" in names:
+        metafunc.parametrize("train_key", [k for k, _ in TRAIN_VARIANTS])
+    if "strip_gate_case" in names:
+        cases = strip_gate_cases(s.scope)
+        metafunc.parametrize("strip_gate_case", cases,
+                             ids=[f"{m}-{d}-b{sh[0]}-{sh[1]}x{sh[2]}x{sh[3]}" for sh, d, m in cases])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    s: Optional[BenchRun] = getattr(session.config, "_bench_run", None)
+    if s is None or not s.results.rows or s.disabled:
+        return
+    s.written = s.results.write(s.out)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    s: Optional[BenchRun] = getattr(config, "_bench_run", None)
+    if s is None:
+        return
+    path = getattr(s, "written", None)
+    errors = sum(1 for r in s.results.rows if r.get("error"))
+    if path is not None:
+        terminalreporter.write_line(f"bench: {len(s.results.rows)} rows ({errors} failed) -> {path}; "
+                                    f"render with `python -m bench.report`")
+    elif s.disabled:
+        terminalreporter.write_line("bench: --benchmark-disable, nothing timed or written")

@@ -1,0 +1,570 @@
+"""Render bench/RESULTS.md from every result file in bench/results/.
+
+    python -m bench.report [--results bench/results] [--out bench/RESULTS.md]
+
+Rows are grouped per device (a GPU, or a CPU model with its thread count). Where several runs
+measured the same row, the newest is shown. Each device gets: its runs, the goals with measured
+values, the op tables (search mode and fixed ops), the paper's Table 1 and Table 4 with measured
+latency, the training step, and the strip-gate rows.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .common import RESULTS_DIR, load_results
+
+OUT_FILE = Path(__file__).resolve().parent / "RESULTS.md"
+
+GOAL_EAGER_X = 5.0
+GOAL_COMPILE_X = 2.0
+GOAL_PCT_COPY = 70.0
+GOAL_DERIVED_OVERHEAD_PCT = 5.0
+GOAL_SEARCH_STEP_X = 1.5
+
+REASON_PLACEHOLDER = ("> **Reason (from a profile): not yet analysed.** Fill this in from a profile of the "
+                      "missed configuration (torch.profiler, Nsight Systems / Compute); not from guesses.")
+
+# The paper's own numbers (papers/meta-pooling-paper.md), eager PyTorch on the authors' hardware.
+PAPER_TABLE1 = {  # variant -> (Lat. ms, F. M, P. M)
+    "skip": ("7.37", "320.24", "3.50"),
+    "maxpool-eager": ("7.59", "320.81", "3.50"),
+    "avgpool-eager": ("7.70", "320.81", "3.50"),
+    "derived-eager": ("16.97", "322.12", "3.55"),
+}
+PAPER_TABLE4 = {  # variant -> (Params, GFLOPs)
+    "skip": ("3.50M", "0.32"), "se": ("3.56M", "0.32"), "cbam": ("3.57M", "0.32"), "sk": ("5.28M", "0.35"),
+    "coordatt": ("3.95M", "0.33"), "derived-fused": ("3.91M", "0.32"),
+}
+TABLE4_ORDER = ("skip", "se", "cbam", "sk", "coordatt", "derived-fused", "derived-eager", "meta-search-fused")
+OP_ORDER = ("search", "skip", "avg3", "avg5", "avg7", "max3", "max5", "max7", "strip")
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting.
+# ---------------------------------------------------------------------------------------------
+def num(v: Optional[float], sig: int = 3) -> str:
+    """Significant digits without exponents; '—' for missing values."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if v == 0:
+        return "0"
+    digits = max(0, sig - 1 - int(math.floor(math.log10(abs(v)))))
+    return f"{v:,.{digits}f}"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or not b or (isinstance(a, float) and math.isnan(a)):
+        return None
+    return a / b
+
+
+def times(v: Optional[float]) -> str:
+    return "—" if v is None else f"{num(v)}×"
+
+
+def pct(v: Optional[float], signed: bool = False) -> str:
+    if v is None:
+        return "—"
+    return f"{v:+.1f}%" if signed else f"{v:.1f}%"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: Optional[str] = None) -> str:
+    # A bare "|" inside a cell (as in 3|x|) would end the cell.
+    rows = [[("—" if c is None else str(c)).replace("|", "\\|") for c in r] for r in rows]
+    align = align or ("l" + "r" * (len(headers) - 1))
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+def geomean(values: Sequence[float]) -> Optional[float]:
+    vals = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging runs.
+# ---------------------------------------------------------------------------------------------
+def row_key(r: Dict[str, Any]) -> Tuple:
+    s = r.get("suite")
+    if s == "ops":
+        return (s, r.get("op"), r.get("mode"), r.get("dtype"), tuple(r.get("shape") or ()), r.get("provider"),
+                r.get("repeat", 0))
+    if s == "strip_gate":
+        return (s, r.get("mode"), r.get("dtype"), tuple(r.get("shape") or ()), r.get("provider"), r.get("repeat", 0))
+    if s == "model":
+        return (s, r.get("variant"), r.get("batch"), r.get("dtype"), r.get("resolution"), r.get("memory_format"))
+    if s == "train":
+        return (s, r.get("variant"), r.get("batch"), r.get("resolution"), r.get("memory_format"))
+    return (s, r.get("case"), r.get("error"))
+
+
+class Device:
+    """Everything measured on one device, newest row per key."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.kind = "cpu"
+        self.rows: "OrderedDict[Tuple, Dict[str, Any]]" = OrderedDict()
+        self.runs: List[Dict[str, Any]] = []
+        self.copy: Optional[Dict[str, Any]] = None
+
+    def suite(self, name: str, ok_only: bool = True) -> List[Dict[str, Any]]:
+        return [r for r in self.rows.values() if r.get("suite") == name and (not ok_only or not r.get("error"))]
+
+    @property
+    def errors(self) -> List[Dict[str, Any]]:
+        return [r for r in self.rows.values() if r.get("error")]
+
+
+def collect(runs: Sequence[Dict[str, Any]]) -> List[Device]:
+    devices: Dict[str, Device] = OrderedDict()
+    for i, run in enumerate(runs):  # oldest first: later rows replace earlier ones
+        for r in run["rows"]:
+            name = r.get("device_name") or run["env"].get("device_name", "unknown device")
+            d = devices.setdefault(name, Device(name))
+            if r.get("device") == "cuda":
+                d.kind = "cuda"
+            r = dict(r, _run=i)
+            d.rows[row_key(r)] = r
+            if not d.runs or d.runs[-1] is not run:
+                d.runs.append(run)
+        for name, c in (run.get("copy") or {}).items():
+            d = devices.setdefault(name, Device(name))
+            d.copy = dict(c, _run=i)
+            if run not in d.runs:
+                d.runs.append(run)
+    ordered = sorted(devices.values(), key=lambda d: (d.kind != "cuda", d.name))
+    return [d for d in ordered if d.rows or d.copy]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections.
+# ---------------------------------------------------------------------------------------------
+def runs_section(d: Device, runs: Sequence[Dict[str, Any]]) -> str:
+    rows = []
+    for run in d.runs:
+        e = run["env"]
+        c = (run.get("copy") or {}).get(d.name)
+        load = e.get("loadavg_start")
+        rows.append([f"`{run['file']}`", e.get("date"), f"`{e.get('command')}`", e.get("scope"),
+                     e.get("torch"), e.get("triton") or "—",
+                     e.get("threads") if d.kind == "cpu" else (e.get("cuda") or {}).get("capability", "—"),
+                     num(c["gbps"]) if c else "—",
+                     ", ".join(str(v) for v in load) if load else "—",
+                     f"{(e.get('git_commit') or '?')[:10]}{' +local changes' if e.get('git_dirty') else ''}"])
+    head = ["file", "date (UTC)", "command", "scope", "torch", "triton",
+            "threads" if d.kind == "cpu" else "compute capability", "copy GB/s", "load avg (1/5/15 min) at start",
+            "commit"]
+    out = [table(head, rows, "l" * len(head))]
+    if d.copy:
+        out.append(f"\nCopy bandwidth: `y.copy_(x)` on {num(d.copy['bytes'] / 2**20)} MiB of float32, "
+                   f"{num(d.copy['gbps'])} GB/s counting bytes read plus written ({d.copy.get('method', '')}). "
+                   "Every “% copy” below is against the copy bandwidth of the row's own run.")
+    return "\n".join(out)
+
+
+def _fused_pairs(d: Device, op: str, mode: str) -> Dict[Tuple, Dict[str, Dict[str, Any]]]:
+    """(dtype, shape) -> provider/repeat -> row, for the op suite."""
+    out: Dict[Tuple, Dict[str, Dict[str, Any]]] = defaultdict(dict)
+    for r in d.suite("ops"):
+        if r["op"] == op and r["mode"] == mode:
+            name = r["provider"] + ("#2" if r.get("repeat") else "")
+            out[(r["dtype"], tuple(r["shape"]))][name] = r
+    return out
+
+
+def _med(rs: Dict[str, Dict[str, Any]], key: str) -> Optional[float]:
+    r = rs.get(key)
+    return r.get("median_ms") if r else None
+
+
+def goals_section(d: Device) -> str:
+    parts: List[str] = []
+    if d.kind == "cpu":
+        parts.append("_The goals are set for the GPU path. On this CPU they are evaluated on the rows this "
+                     "device has, for completeness; “not measured” means the rows needed are absent here._\n")
+
+    def verdict(ok: Optional[bool], missed: str = "") -> str:
+        if ok is None:
+            return "not measured"
+        return "**met**" if ok else f"**missed**{': ' + missed if missed else ''}"
+
+    lines: List[Tuple[str, str, str]] = []
+    reasons: List[str] = []
+
+    # 1. Speedups of fused forward+backward in search mode, at the largest batch measured per dtype.
+    pairs = _fused_pairs(d, "search", "fwd+bwd")
+    for target, prov, label in ((GOAL_EAGER_X, "eager", "eager reference"),
+                                (GOAL_COMPILE_X, "compile", "torch.compile(reference)")):
+        name = f"Fused fwd+bwd (search mode) ≥ {target:g}× {label}"
+        speed = []
+        for (dtype, shape), rs in pairs.items():
+            s = ratio(_med(rs, prov), _med(rs, "fused"))
+            if s is not None:
+                speed.append((dtype, shape, s))
+        if not speed:
+            lines.append((name, "—", verdict(None)))
+            continue
+        top = {dt: max(sh[0] for t, sh, _ in speed if t == dt) for dt, _, _ in speed}
+        speed = [x for x in speed if x[1][0] == top[x[0]]]
+        worst = min(speed, key=lambda x: x[2])
+        below = [x for x in speed if x[2] < target]
+        value = (f"worst {times(worst[2])} ({worst[0]}, {shape_str(worst[1])}); geomean {times(geomean([x[2] for x in speed]))} "
+                 f"over {len(speed)} shapes at batch {', '.join(f'{v} ({k})' for k, v in top.items())}")
+        missed = f"{len(below)} of {len(speed)} shapes below; worst is {num(target / worst[2])}× short" if below else ""
+        lines.append((name, value, verdict(not below, missed)))
+        if below:
+            reasons.append(name)
+
+    # 2. Bandwidth on the largest shapes: fused rows (first timing) of every op but skip.
+    fused = [r for r in d.suite("ops") if r["provider"] == "fused" and not r.get("repeat") and r.get("pct_copy")]
+    name = f"Fused ≥ {GOAL_PCT_COPY:g}% of copy bandwidth on the largest shapes"
+    if fused:
+        # The two largest |x| per dtype, at the largest batch measured for that dtype.
+        top_batch = defaultdict(int)
+        for r in fused:
+            top_batch[r["dtype"]] = max(top_batch[r["dtype"]], r["batch"])
+        fused = [r for r in fused if r["batch"] == top_batch[r["dtype"]]]
+        sizes = defaultdict(set)
+        for r in fused:
+            sizes[r["dtype"]].add(r["x_bytes"])
+        largest = {dt: sorted(v)[-2:] for dt, v in sizes.items()}
+        chosen = [r for r in fused if r["x_bytes"] in largest[r["dtype"]]]
+        worst = min(chosen, key=lambda r: r["pct_copy"])
+        below = [r for r in chosen if r["pct_copy"] < GOAL_PCT_COPY]
+        shapes = sorted({(r["dtype"], tuple(r["shape"])) for r in chosen})
+        value = (f"worst {pct(worst['pct_copy'])} ({worst['op']} {worst['mode']}, {worst['dtype']}, {shape_str(worst['shape'])}); "
+                 f"{len(chosen)} rows over {', '.join(f'{dt} {shape_str(s)}' for dt, s in shapes)}")
+        missed = (f"{len(below)} of {len(chosen)} rows below; worst is {num(GOAL_PCT_COPY - worst['pct_copy'])} "
+                  "points short") if below else ""
+        lines.append((name, value, verdict(not below, missed)))
+        if below:
+            reasons.append(name)
+    else:
+        lines.append((name, "—", verdict(None)))
+
+    # 3. Derived network latency against plain MobileNetV2. A setting whose two Skip timings differ by
+    # the goal's margin or more cannot tell a 5% overhead from noise, so it decides nothing.
+    name = f"Derived MobileNetV2 + Meta-Pooling (fused) within {GOAL_DERIVED_OVERHEAD_PCT:g}% of plain latency"
+    over = _overheads(d, "derived-fused")
+    if over:
+        noise = dict(_overheads(d, "skip-again"))
+        value = "; ".join(f"{s}: {pct(o, True)}" + (f" (Skip timed again: {pct(noise[s], True)})" if s in noise else "")
+                          for s, o in over)
+        resolved = [x for x in over if abs(noise.get(x[0], 0.0)) < GOAL_DERIVED_OVERHEAD_PCT]
+        above = [x for x in resolved if x[1] > GOAL_DERIVED_OVERHEAD_PCT]
+        if not resolved:
+            worst_noise = max(abs(v) for v in noise.values())
+            lines.append((name, value, f"**not resolved**: the two Skip timings differ by up to "
+                                       f"{worst_noise:.1f}%, more than the {GOAL_DERIVED_OVERHEAD_PCT:g}% margin"))
+        else:
+            worst = max(resolved, key=lambda x: x[1])
+            skipped = len(over) - len(resolved)
+            missed = (f"worst {pct(worst[1], True)} ({worst[0]}), {num(worst[1] - GOAL_DERIVED_OVERHEAD_PCT)} points over"
+                      if above else "")
+            status = verdict(not above, missed)
+            if skipped:
+                status += f" ({skipped} setting(s) not resolved: Skip's two timings differ by ≥ {GOAL_DERIVED_OVERHEAD_PCT:g}%)"
+            lines.append((name, value, status))
+            if above:
+                reasons.append(name)
+    else:
+        lines.append((name, "—", verdict(None)))
+
+    # 4. Search step against a plain step.
+    name = f"PMPL search step (fused) ≤ {GOAL_SEARCH_STEP_X:g}× plain training step"
+    steps = {r["variant"]: r for r in d.suite("train")}
+    plain, fused_step = steps.get("plain"), steps.get("search-fused")
+    if plain and fused_step:
+        x = fused_step["median_ms"] / plain["median_ms"]
+        eager = steps.get("search-eager")
+        extra = f" (eager search step: {times(eager['median_ms'] / plain['median_ms'])})" if eager else ""
+        value = (f"{times(x)}: {num(fused_step['median_ms'])} ms vs {num(plain['median_ms'])} ms, batch "
+                 f"{plain['batch']} at {plain['resolution']} px{extra}")
+        lines.append((name, value, verdict(x <= GOAL_SEARCH_STEP_X, f"{num(x / GOAL_SEARCH_STEP_X)}× over the target")))
+        if x > GOAL_SEARCH_STEP_X:
+            reasons.append(name)
+    else:
+        lines.append((name, "—", verdict(None)))
+
+    parts.append(table(["goal", "measured", "status"], lines, "lll"))
+    for name in reasons:
+        parts.append(f"\n**{name}: missed.**\n\n{REASON_PLACEHOLDER}")
+    return "\n".join(parts)
+
+
+def _setting_label(r: Dict[str, Any]) -> str:
+    fmt = ", channels_last" if r.get("memory_format") == "channels_last" else ""
+    return f"b{r['batch']} {r['dtype']} {r['resolution']}px{fmt}"
+
+
+def _settings(rows: Sequence[Dict[str, Any]]) -> List[Tuple]:
+    keys = {(r["batch"], r["dtype"], r["resolution"], r.get("memory_format", "contiguous")) for r in rows}
+    return sorted(keys, key=lambda k: (k[3] != "contiguous", k[1] != "float32", k[0], k[2]))
+
+
+def _overheads(d: Device, variant: str) -> List[Tuple[str, float]]:
+    rows = d.suite("model")
+    base = {(r["batch"], r["dtype"], r["resolution"], r.get("memory_format")): r for r in rows if r["variant"] == "skip"}
+    out = []
+    for r in rows:
+        k = (r["batch"], r["dtype"], r["resolution"], r.get("memory_format"))
+        if r["variant"] == variant and k in base:
+            out.append((_setting_label(r), 100.0 * (r["median_ms"] / base[k]["median_ms"] - 1.0)))
+    return out
+
+
+def ops_section(d: Device) -> str:
+    rows = d.suite("ops")
+    if not rows:
+        return ""
+    out = []
+    floors = sorted({(r["op"] if r["op"] in ("search", "strip") else ("avg" if r["op"].startswith("avg") else
+                      "max" if r["op"].startswith("max") else r["op"]), r["mode"], r["floor"]) for r in rows})
+    out.append("Byte floors used (|x| = bytes of x; DESIGN.md, “Kernels and the bytes they may move”):\n")
+    out.append(table(["op", "mode", "floor"], [(f"`{o}`", m, f) for o, m, f in floors], "lll"))
+    out.append("\nColumns: medians in ms; “2nd” is the fused variant timed again at the end of its case "
+               "(the spread between the two is this run's noise); GB/s = floor bytes / fused median; "
+               "“× eager” and “× compile” = their median / fused median; “err” = ‖fused − eager‖ / ‖eager‖ "
+               "on the first input. Forward runs under `torch.no_grad()`; forward+backward returns the gradients "
+               "of x, α and the gate convs (`torch.autograd.grad`).")
+    dtypes = sorted({r["dtype"] for r in rows}, key=lambda t: t != "float32")
+    for search in (True, False):
+        for dtype in dtypes:
+            for mode in ("fwd", "fwd+bwd"):
+                ops_here = [o for o in OP_ORDER if (o == "search") == search]
+                groups = defaultdict(dict)
+                for r in rows:
+                    if r["dtype"] == dtype and r["mode"] == mode and r["op"] in ops_here:
+                        groups[(r["op"], tuple(r["shape"]))][r["provider"] + ("#2" if r.get("repeat") else "")] = r
+                if not groups:
+                    continue
+                has_compile = any("compile" in g for g in groups.values())
+                head = ["op", "N×C×H×W", "floor", "fused ms", "2nd", "eager ms"] + (["compile ms"] if has_compile else []) + \
+                       ["fused GB/s", "% copy", "× eager"] + (["× compile"] if has_compile else []) + ["err"]
+                body = []
+                for (op, shape) in sorted(groups, key=lambda k: (OP_ORDER.index(k[0]), k[1][1:], k[1][0])):
+                    g = groups[(op, shape)]
+                    f = g.get("fused", {})
+                    line = [f"`{op}`", shape_str(shape), _floor(f),
+                            num(_med(g, "fused")), num(_med(g, "fused#2")), num(_med(g, "eager"))]
+                    if has_compile:
+                        line.append(num(_med(g, "compile")))
+                    line += [num(f.get("gbps")), pct(f.get("pct_copy")), times(ratio(_med(g, "eager"), _med(g, "fused")))]
+                    if has_compile:
+                        line.append(times(ratio(_med(g, "compile"), _med(g, "fused"))))
+                    line.append(f"{f['rel_err']:.1e}" if f.get("rel_err") is not None else "—")
+                    body.append(line)
+                title = (f"#### Search mode (all 8 candidates), {dtype}, {mode}" if search
+                         else f"Fixed ops, {dtype}, {mode}")
+                tbl = table(head, body, "lll" + "r" * (len(head) - 3))
+                if search:
+                    out.append(f"\n{title}\n\n{tbl}")
+                else:
+                    out.append(f"\n<details><summary>{title} ({len(body)} rows)</summary>\n\n{tbl}\n\n</details>")
+    noise = []
+    for g in _all_groups(rows):
+        a, b = _med(g, "fused"), _med(g, "fused#2")
+        if a and b:
+            noise.append(abs(a - b) / min(a, b) * 100.0)
+    if noise:
+        noise.sort()
+        out.insert(0, f"Noise: the two fused timings of a case differ by a median of {noise[len(noise) // 2]:.1f}% "
+                      f"(90th percentile {noise[int(0.9 * (len(noise) - 1))]:.1f}%, {len(noise)} cases); differences "
+                      "between variants smaller than that are not resolved by this run.\n")
+    return "\n".join(out)
+
+
+def _floor(row: Dict[str, Any]) -> str:
+    k = row.get("floor_factor")
+    return "—" if k is None else "0" if k == 0 else f"{k}|x|"
+
+
+def _all_groups(rows):
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["op"], r["mode"], r["dtype"], tuple(r["shape"]))][r["provider"] + ("#2" if r.get("repeat") else "")] = r
+    return groups.values()
+
+
+def cpu_models_section(d: Device) -> str:
+    """The CPU's batch-1 rows of plain and derived MobileNetV2 on their own, thread count stated."""
+    rows = [r for r in d.suite("model") if r["variant"] in ("skip", "derived-eager", "derived-fused", "skip-again")
+            and r["batch"] == 1]
+    if d.kind != "cpu" or not rows:
+        return ""
+    threads = sorted({str(run["env"].get("threads")) for run in d.runs})
+    return (f"`torch.get_num_threads()` = {', '.join(threads)}; the full model tables above hold the same rows.\n\n"
+            + model_section(d, 0))
+
+
+def model_section(d: Device, which: int) -> str:
+    rows = d.suite("model")
+    if not rows:
+        return ""
+    by_variant: Dict[str, Dict[Tuple, Dict[str, Any]]] = defaultdict(dict)
+    info: Dict[str, Dict[str, Any]] = {}
+    for r in rows:
+        k = (r["batch"], r["dtype"], r["resolution"], r.get("memory_format", "contiguous"))
+        by_variant[r["variant"]][k] = r
+        info.setdefault(r["variant"], r)
+    settings = _settings(rows)
+    base = by_variant.get("skip", {})
+    if which == 1:
+        order = [v for v in ("skip", "maxpool-eager", "maxpool-fused", "avgpool-eager", "avgpool-fused",
+                             "meta-search-eager", "meta-search-fused", "derived-eager", "derived-fused", "skip-again")
+                 if v in by_variant]
+    elif which == 0:
+        order = [v for v in ("skip", "derived-eager", "derived-fused", "skip-again") if v in by_variant]
+        settings = [s for s in settings if s[0] == 1]
+    else:
+        order = [v for v in TABLE4_ORDER if v in by_variant]
+    if which == 4 and not any(info[v]["table"] == 4 for v in order):
+        return ""
+    head = ["model", "params", "MACs (M)"]
+    for s in settings:
+        fmt = ", CL" if s[3] == "channels_last" else ""
+        head += [f"b{s[0]} {s[1]} {s[2]}px{fmt} ms", "vs Skip"]
+    head += {1: ["paper Lat. ms / F. M / P. M"], 4: ["paper Params / GFLOPs"]}.get(which, [])
+    body = []
+    for v in order:
+        r0 = info[v]
+        line = [r0["label"], f"{r0['params'] / 1e6:.3f}M", num(r0["macs"] / 1e6, 4) if r0.get("macs") else "—"]
+        for s in settings:
+            r = by_variant[v].get(s)
+            b = base.get(s)
+            line.append(num(r["median_ms"]) if r else "—")
+            line.append(pct(100.0 * (r["median_ms"] / b["median_ms"] - 1.0), True) if (r and b and v != "skip") else "—")
+        if which in (1, 4):
+            paper = (PAPER_TABLE1 if which == 1 else PAPER_TABLE4).get(v)
+            line.append(" / ".join(paper) if paper else "")
+        body.append(line)
+    if which == 0:
+        return table(head, body)
+    notes = []
+    genos = {tuple(info[v]["genotype"]) for v in order if info[v].get("genotype")}
+    for g in genos:
+        notes.append(f"Derived genotype (block 1…17): `{', '.join(g)}`.")
+    mac_res = {info[v].get("macs_resolution") for v in order if info[v].get("macs")}
+    if mac_res:
+        notes.append(f"MACs of one {'/'.join(str(m) for m in sorted(mac_res))} px image, counted by "
+                     "`torch.utils.flop_counter` on the eager build (convolutions, linear layers and matmuls; "
+                     "pooling and gating multiply no weights and are not counted).")
+    notes.append("Latency: inference (`eval()`, `torch.no_grad()`), median ms per forward of one batch; "
+                 "“vs Skip” is the overhead against plain MobileNetV2 in the same setting; CL = channels_last. "
+                 "“Skip, timed again last” is plain MobileNetV2 measured once more after every other model: its "
+                 "“vs Skip” is the run's noise, and overheads smaller than it are not resolved. "
+                 "The paper's numbers come from its authors' eager implementation on their own hardware.")
+    return table(head, body, "l" + "r" * (len(head) - 2) + "l") + "\n\n" + "\n".join(notes)
+
+
+def train_section(d: Device) -> str:
+    rows = d.suite("train")
+    if not rows:
+        return ""
+    plain = {(r["batch"], r["resolution"], r["memory_format"]): r for r in rows if r["variant"] == "plain"}
+    order = ("plain", "supernet-sgd-fused", "search-eager", "search-fused")
+    body = []
+    for r in sorted(rows, key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99):
+        p = plain.get((r["batch"], r["resolution"], r["memory_format"]))
+        body.append([r["label"], r["batch"], f"{r['resolution']}px", r["memory_format"], f"{r['params'] / 1e6:.3f}M",
+                     num(r["median_ms"]), num(r["p20_ms"]), num(r["p80_ms"]), num(r.get("images_per_s")),
+                     times(ratio(r["median_ms"], p["median_ms"] if p else None))])
+    head = ["step", "batch", "size", "format", "params", "median ms", "p20", "p80", "images/s", "× plain step"]
+    note = ("float32, `train()` mode, random images and labels. The search step is "
+            "`metapool_kernels.pmpl.search.bilevel_step` with the trainer's default optimisers (SGD on θ, Adam on α); "
+            "the supernet row is one ordinary SGD step of the same supernet with α frozen.")
+    return table(head, body, "llllrrrrrr") + "\n\n" + note
+
+
+def strip_gate_section(d: Device) -> str:
+    rows = d.suite("strip_gate")
+    if not rows:
+        return ""
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["dtype"], r["mode"], tuple(r["shape"]))][r["provider"] + ("#2" if r.get("repeat") else "")] = r
+    body = []
+    for (dtype, mode, shape) in sorted(groups, key=lambda k: (k[0] != "float32", k[1], k[2][1:])):
+        g = groups[(dtype, mode, shape)]
+        f = g.get("C++ op", {})
+        body.append([shape_str(shape), dtype, mode, _floor(f), num(_med(g, "C++ op")),
+                     num(_med(g, "C++ op#2")), num(_med(g, "eager")), times(ratio(_med(g, "eager"), _med(g, "C++ op"))),
+                     num(f.get("gbps")), pct(f.get("pct_copy"))])
+    head = ["N×C×H×W", "dtype", "mode", "floor", "C++ ms", "2nd", "eager ms", "× eager", "C++ GB/s", "% copy"]
+    note = ("`metapool_kernels.ops.strip_gate(x, g_h, g_w)` against `reference.strip_gate` (cast back to x's dtype), "
+            "float32 gate logits. Floors: forward 2|x| (read x, write out), backward 3|x| (read grad_out and x, "
+            "write grad_x).")
+    return table(head, body, "lllrrrrrrr") + "\n\n" + note
+
+
+def errors_section(d: Device) -> str:
+    errs = d.errors
+    if not errs:
+        return ""
+    body = [[r.get("suite"), r.get("case") or r.get("variant") or "", r.get("provider") or "", f"`{r['error']}`"]
+            for r in errs]
+    return table(["suite", "case", "variant", "error"], body, "llll")
+
+
+def render(runs: Sequence[Dict[str, Any]], source: str = "bench/results") -> str:
+    devices = collect(runs)
+    out = ["# metapool_kernels benchmark results", "",
+           f"Generated by `python -m bench.report` from {len(runs)} result file(s) in `{source}/`; "
+           "how the numbers are taken is in [bench/README.md](README.md). Every number below was measured "
+           "on the device its section names; nothing is extrapolated between devices.", ""]
+    if not devices:
+        out.append("_No results yet: run `make bench`._")
+        return "\n".join(out) + "\n"
+    out.append("Devices: " + ", ".join(f"[{d.name}](#{_anchor(d.name)})" for d in devices) + "\n")
+    for d in devices:
+        out.append(f"## {d.name}\n")
+        out.append("### Runs\n\n" + runs_section(d, runs) + "\n")
+        out.append("### Goals\n\n" + goals_section(d) + "\n")
+        for title, body in (("Op suite: FusedMetaPooling vs eager vs torch.compile", ops_section(d)),
+                            ("Model suite: the paper's Table 1 (pooling enhancers), MobileNetV2-1.0", model_section(d, 1)),
+                            ("Attention baselines: the paper's Table 4 with measured latency", model_section(d, 4)),
+                            ("Training step: PMPL search step vs plain SGD step", train_section(d)),
+                            ("CPU: batch-1 inference, plain vs derived MobileNetV2", cpu_models_section(d)),
+                            ("Strip gate: C++ op vs eager", strip_gate_section(d)),
+                            ("Failed variants", errors_section(d))):
+            if body:
+                out.append(f"### {title}\n\n{body}\n")
+    return "\n".join(out)
+
+
+def _anchor(text: str) -> str:
+    keep = "".join(ch for ch in text.lower() if ch.isalnum() or ch in " -_")
+    return keep.replace(" ", "-")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(RESULTS_DIR), help="folder of result JSON files")
+    ap.add_argument("--out", default=str(OUT_FILE), help="Markdown file to write")
+    args = ap.parse_args(argv)
+    runs = load_results(Path(args.results))
+    src = Path(args.results)
+    try:
+        src = src.resolve().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    text = render(runs, source=str(src))
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out} from {len(runs)} result file(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
