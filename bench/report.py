@@ -10,6 +10,7 @@ latency, the training step, and the strip-gate rows.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections import OrderedDict, defaultdict
@@ -25,6 +26,22 @@ GOAL_COMPILE_X = 2.0
 GOAL_PCT_COPY = 70.0
 GOAL_DERIVED_OVERHEAD_PCT = 5.0
 GOAL_SEARCH_STEP_X = 1.5
+
+# Why a goal was missed, per device: bench/results/reasons.json maps a device name to
+# {goal-name prefix: analysis}. Each analysis must come from a profile of that device's run.
+REASONS_FILE = Path(__file__).resolve().parent / "results" / "reasons.json"
+
+
+def load_reasons(path: Path = REASONS_FILE) -> Dict[str, Dict[str, str]]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def reason_for(reasons: Dict[str, Dict[str, str]], device: str, goal: str) -> str:
+    for prefix, text in reasons.get(device, {}).items():
+        if goal.startswith(prefix):
+            return "> **Reason (from a profile):** " + text
+    return REASON_PLACEHOLDER
+
 
 REASON_PLACEHOLDER = ("> **Reason (from a profile): not yet analysed.** Fill this in from a profile of the "
                       "missed configuration (torch.profiler, Nsight Systems / Compute); not from guesses.")
@@ -299,8 +316,9 @@ def goals_section(d: Device) -> str:
         lines.append((name, "—", verdict(None)))
 
     parts.append(table(["goal", "measured", "status"], lines, "lll"))
+    known = load_reasons()
     for name in reasons:
-        parts.append(f"\n**{name}: missed.**\n\n{REASON_PLACEHOLDER}")
+        parts.append(f"\n**{name}: missed.**\n\n{reason_for(known, d.name, name)}")
     return "\n".join(parts)
 
 
