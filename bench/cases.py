@@ -454,8 +454,8 @@ def train_setting(device: str, scope: str) -> TrainSetting:
 
 
 def run_train_case(key: str, device: str, setting: TrainSetting, timing: TimingConfig) -> List[Dict[str, Any]]:
-    from metapool_kernels.models import count_params, mobilenet_v2
-    from metapool_kernels.pmpl.search import SearchConfig, alphas_frozen, bilevel_step, meta_layers, split_parameters
+    from metapool_kernels.models import alpha_parameters, count_params, mobilenet_v2, weight_parameters
+    from metapool_kernels.pmpl.search import SearchConfig, alphas_frozen, bilevel_step, meta_layers
 
     label = dict(TRAIN_VARIANTS)[key]
     cfg = SearchConfig()  # the trainer's defaults: SGD and Adam settings of the paper's §3.1
@@ -480,7 +480,7 @@ def run_train_case(key: str, device: str, setting: TrainSetting, timing: TimingC
         b_tr, b_mt = batch(), batch()
         if key.startswith("search"):
             layers = meta_layers(model)
-            alphas, weights = split_parameters(model)
+            alphas, weights = alpha_parameters(model), weight_parameters(model)
             w_opt = torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
             a_opt = torch.optim.Adam(alphas, lr=cfg.alpha_lr, betas=cfg.alpha_betas, weight_decay=cfg.alpha_weight_decay)
 
@@ -490,7 +490,7 @@ def run_train_case(key: str, device: str, setting: TrainSetting, timing: TimingC
             layers = meta_layers(model)
             params = [p for p in model.parameters() if p.requires_grad]
             if key == "supernet-sgd-fused":
-                params = split_parameters(model)[1]
+                params = weight_parameters(model)
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
             x, y = b_tr
 

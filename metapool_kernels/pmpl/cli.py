@@ -1,0 +1,189 @@
+"""``python -m metapool_kernels.pmpl search|retrain|eval``: the PMPL command line.
+
+Defaults are the paper's §3.1 settings. Under ``torchrun --nproc_per_node=N`` every command runs on
+N processes with DistributedDataParallel (nccl on CUDA, gloo on CPU); ``--batch-size`` stays the
+global batch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from ..reference import PAPER_CANDIDATES
+from .search import SearchConfig
+from .train import TrainConfig
+
+EXAMPLES = """examples:
+  python -m metapool_kernels.pmpl search --width 0.5 --epochs 30 --out runs/search
+  python -m metapool_kernels.pmpl search --subset 6000 --epochs 2 --rho 0.1 --alpha-lr 0.01   # quick look
+  python -m metapool_kernels.pmpl search --resume runs/search/checkpoint.pt
+  python -m metapool_kernels.pmpl retrain --genotype runs/search/genotype.json --width 0.5 --epochs 200
+  python -m metapool_kernels.pmpl retrain --enhancer none --width 0.5 --epochs 200 --out runs/none
+  python -m metapool_kernels.pmpl eval runs/retrain/checkpoint.pt
+  torchrun --nproc_per_node=4 -m metapool_kernels.pmpl search --data-dir /data/imagenet
+"""
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return v
+
+
+def _candidates(text: str):
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in PAPER_CANDIDATES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown op(s) {unknown}; choose from {','.join(PAPER_CANDIDATES)}")
+    return names
+
+
+def _add_data(p: argparse.ArgumentParser, defaults, meta: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="ImageFolder tree with train/ and val/ (or test/); default: Fashion-MNIST from "
+                        "Debian's dataset-fashion-mnist package")
+    g.add_argument("--subset", type=_positive_int, default=None, metavar="N",
+                   help="use N training images (drawn with --seed) for a quick run")
+    g.add_argument("--test-subset", type=_positive_int, default=None, metavar="N", help="evaluate on N test images")
+    if meta:
+        g.add_argument("--meta-fraction", type=float, default=defaults.meta_fraction, metavar="F",
+                       help="share of the training images held out as the meta set D_mt (default %(default)s)")
+    g.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                   help="global batch, split across processes (default %(default)s)")
+    g.add_argument("--workers", type=int, default=defaults.workers,
+                   help="loader processes per rank for --data-dir (Fashion-MNIST is augmented in memory) "
+                        "(default %(default)s)")
+    g.add_argument("--image-size", type=_positive_int, default=None,
+                   help="input size for --data-dir (default 224; <= 64 uses pad-and-crop augmentation)")
+
+
+def _add_model(p: argparse.ArgumentParser, defaults) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--width", type=float, default=defaults.width, help="MobileNetV2 width multiplier (default %(default)s)")
+    g.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="stride 1 in the stem and first 24-channel block (default: on for images <= 64 px)")
+    g.add_argument("--candidates", type=_candidates, default=",".join(defaults.candidates), metavar="OPS",
+                   help="comma-separated Meta-Pooling ops (default: the paper's %(default)s)")
+
+
+def _add_sgd(p: argparse.ArgumentParser, defaults) -> None:
+    g = p.add_argument_group("weights θ (SGD, cosine schedule)")
+    g.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="(default %(default)s)")
+    g.add_argument("--lr", type=float, default=defaults.lr, help="ζ, the initial SGD learning rate (default %(default)s)")
+    g.add_argument("--momentum", type=float, default=defaults.momentum, help="(default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
+
+
+def _add_run(p: argparse.ArgumentParser, defaults) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default=defaults.device, help="auto (cuda if available), cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=defaults.seed, help="(default %(default)s)")
+    g.add_argument("--out", dest="out_dir", default=defaults.out_dir,
+                   help="output folder: checkpoint.pt, log.jsonl, ... (default %(default)s)")
+    g.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue the run saved in CKPT (its settings are used; --device/--workers/--out may change)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last tensors (default: on for CPU, off for CUDA)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m metapool_kernels.pmpl",
+        description="Progressive Meta-Pooling Learning (PMPL): search the enhancer of every MobileNetV2 block, "
+                    "retrain the derived network from scratch, evaluate it.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval}")
+
+    sd = SearchConfig()
+    ps = sub.add_parser("search", help="PMPL search (Algorithm 1); writes genotype.json and alpha_history.png",
+                        description="PMPL search (paper Algorithm 1): first-order bi-level updates of θ (SGD on D_tr) "
+                                    "and α (Adam on D_mt), progressive early stopping (Eq. 4). Writes genotype.json, "
+                                    "alpha_history.png/.json, log.jsonl and checkpoint.pt (every epoch) to --out.",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_data(ps, sd, meta=True)
+    _add_model(ps, sd)
+    _add_sgd(ps, sd)
+    g = ps.add_argument_group("meta-parameters α (Adam) and early stopping")
+    g.add_argument("--alpha-lr", type=float, default=sd.alpha_lr, help="η (default %(default)s)")
+    g.add_argument("--alpha-weight-decay", type=float, default=sd.alpha_weight_decay, help="(default %(default)s)")
+    g.add_argument("--alpha-betas", type=float, nargs=2, default=sd.alpha_betas, metavar=("B1", "B2"),
+                   help="Adam betas (default %(default)s, as DARTS)")
+    g.add_argument("--rho", type=float, default=sd.rho,
+                   help="ρ: fix a layer once min_{m≠k}(π_k − π_m) ≥ ρ (Eq. 4) (default %(default)s)")
+    g.add_argument("--fix-every", choices=("step", "epoch"), default=sd.fix_every,
+                   help="check Eq. 4 after every α update (Algorithm 1) or once per epoch (default %(default)s)")
+    g.add_argument("--fresh-train-grad", action="store_true",
+                   help="recompute ∇θ L_tr after the α update for the real step instead of reusing the "
+                        "virtual step's gradient (one more forward/backward per step)")
+    g.add_argument("--grad-clip", type=float, default=None, metavar="NORM", help="clip θ's gradient norm")
+    _add_run(ps, sd)
+
+    td = TrainConfig()
+    pr = sub.add_parser("retrain", help="train a genotype or a baseline enhancer from scratch, evaluate top-1/top-5",
+                        description="Train the derived network (--genotype) or a baseline (--enhancer) from scratch "
+                                    "with SGD and a cosine schedule on the whole training set; evaluate top-1/top-5 "
+                                    "on the test split. Writes checkpoint.pt (every epoch) and log.jsonl to --out.",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = pr.add_argument_group("network").add_mutually_exclusive_group()
+    what.add_argument("--genotype", default=None, metavar="JSON", help="genotype file written by `search`")
+    what.add_argument("--enhancer", default=None,
+                      help="baseline: none (default), maxpool, avgpool, strip, random, se, cbam, coordatt, sk")
+    _add_data(pr, td, meta=False)
+    _add_model(pr, td)
+    _add_sgd(pr, td)
+    pr.add_argument("--label-smoothing", type=float, default=td.label_smoothing, help="(default %(default)s)")
+    pr.add_argument("--eval-every", type=int, default=td.eval_every,
+                    help="evaluate every N epochs, 0: only at the end (default %(default)s)")
+    _add_run(pr, td)
+
+    pe = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on the test split",
+                        description="Evaluate a retrain (or search) checkpoint on the test split of its data set.",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pe.add_argument("checkpoint", help="checkpoint.pt written by retrain or search")
+    pe.add_argument("--data-dir", default=None, help="override the data set the checkpoint was trained on")
+    pe.add_argument("--test-subset", type=_positive_int, default=None, metavar="N")
+    pe.add_argument("--batch-size", type=_positive_int, default=256)
+    pe.add_argument("--workers", type=int, default=4)
+    pe.add_argument("--device", default="auto")
+    pe.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def _config(cls, ns: argparse.Namespace):
+    fields = cls.__dataclass_fields__
+    return cls(**{k: v for k, v in vars(ns).items() if k in fields})
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "search":
+            from .search import run_search
+            run_search(_config(SearchConfig, args))
+        elif args.command == "retrain":
+            from .train import accuracy_table, result_row, run_train
+            res = run_train(_config(TrainConfig, args))
+            if _is_main():
+                print(accuracy_table([result_row(res)], title=f"Test accuracy after {res.epochs} epochs"))
+        else:
+            from .train import run_eval
+            run_eval(args.checkpoint, data_dir=args.data_dir, test_subset=args.test_subset,
+                     batch_size=args.batch_size, workers=args.workers, device=args.device, progress=args.progress)
+    except (FileNotFoundError, ValueError) as e:
+        # Missing data, a bad genotype or checkpoint: the message says what to do; no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

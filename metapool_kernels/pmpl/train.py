@@ -1,0 +1,271 @@
+"""Retraining from scratch and evaluation (paper §2.2, last paragraph, and §3.1).
+
+Once PMPL has fixed every layer, "we adapt the learned spatial enhancer to the original task and
+train the lightweight network from scratch": the derived network (a genotype, one op per block) is
+built anew and trained with SGD (lr 0.05, cosine, momentum 0.9, weight decay 4e-5, batch 128; 200
+epochs in the paper) on the whole training set, then evaluated (top-1, top-5) on the test split.
+Any enhancer name (``none``, ``se``, ``strip``, ...) trains the corresponding baseline the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..reference import PAPER_CANDIDATES
+from . import runtime
+from .data import DataBundle, build_data
+from .report import format_table
+from .search import default_small_input
+
+
+@dataclass
+class TrainConfig:
+    """A retraining run. Give ``genotype`` (a genotype JSON path) or ``enhancer`` (a name)."""
+    genotype: Optional[str] = None
+    enhancer: Optional[str] = None
+    # data
+    data_dir: Optional[str] = None
+    subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    batch_size: int = 128
+    workers: int = 4
+    image_size: Optional[int] = None
+    # model
+    width: float = 1.0
+    small_input: Optional[bool] = None
+    candidates: tuple = PAPER_CANDIDATES
+    # optimisation (paper §3.1)
+    epochs: int = 200
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    label_smoothing: float = 0.0
+    # run
+    device: str = "auto"
+    # None: channels_last on CPU, where torch's pooling kernels are several times faster in it.
+    channels_last: Optional[bool] = None
+    seed: int = 0
+    out_dir: str = "runs/retrain"
+    resume: Optional[str] = None
+    eval_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        self.candidates = tuple(self.candidates)
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+
+
+RUNTIME_FIELDS = ("device", "workers", "resume", "progress", "out_dir", "eval_every")
+
+
+@dataclass
+class TrainResult:
+    name: str
+    enhancer: Any
+    top1: float
+    top5: float
+    loss: float
+    params: int
+    macs: Optional[int]
+    epochs: int
+    seconds: float
+    train_acc: float
+    checkpoint_path: Optional[Path]
+    history: List[Dict[str, Any]]
+
+
+def resolve_enhancer(cfg: TrainConfig):
+    """The genotype list from ``cfg.genotype`` (validated), else the enhancer name (default none)."""
+    from ..models import ENHANCERS, load_genotype
+
+    if cfg.genotype and cfg.enhancer:
+        raise ValueError("give either a genotype file or an enhancer name, not both")
+    if cfg.genotype:
+        return load_genotype(cfg.genotype)
+    name = cfg.enhancer or "none"
+    if name == "meta":
+        raise ValueError("enhancer 'meta' is the searchable network: run `search`, then retrain its genotype")
+    if name not in ENHANCERS:
+        raise ValueError(f"unknown enhancer {name!r}; use one of {[e for e in ENHANCERS if e != 'meta']} "
+                         f"or --genotype FILE")
+    return name
+
+
+def _searched_width(genotype_path: Optional[str]) -> Optional[float]:
+    if not genotype_path:
+        return None
+    with open(genotype_path) as f:
+        meta = json.load(f)
+    return ((meta.get("model_config") or {}).get("width_mult"))
+
+
+def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Optional[DataBundle] = None,
+              name: Optional[str] = None, stop_after_epochs: Optional[int] = None, log=print) -> TrainResult:
+    """Train from scratch, checkpoint every epoch, evaluate top-1/top-5 on the test split."""
+    t_start = time.perf_counter()
+    ckpt = None
+    if cfg.resume:
+        ckpt = runtime.load_checkpoint(cfg.resume, kind="train")
+        saved = dict(ckpt["config"])
+        saved.update({k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+        cfg = TrainConfig(**saved)
+    env = runtime.setup_distributed(cfg.device)
+    log = log if env.is_main else (lambda *a, **k: None)
+    out_dir = Path(cfg.out_dir)
+    logger = runtime.JsonlLogger(out_dir / "log.jsonl", enabled=env.is_main)
+    runtime.seed_everything(cfg.seed)
+    enhancer = ckpt["model_config"]["enhancer"] if ckpt and ckpt.get("model_config") else None
+    if model is None and enhancer is None:
+        enhancer = resolve_enhancer(cfg)
+        searched = _searched_width(cfg.genotype)
+        if searched is not None and searched != cfg.width:
+            log(f"note: the genotype was searched at width {searched}; retraining at width {cfg.width}")
+    if name is None and ckpt is not None:
+        name = ckpt.get("name")
+    if name is None:
+        name = ("model" if enhancer is None else
+                "MobileNetV2 + genotype" if isinstance(enhancer, list) else f"MobileNetV2 + {enhancer}")
+
+    if data is None:
+        data = build_data(data_dir=cfg.data_dir, batch_size=cfg.batch_size, meta_fraction=None, subset=cfg.subset,
+                          test_subset=cfg.test_subset, workers=cfg.workers, image_size=cfg.image_size,
+                          seed=cfg.seed, rank=env.rank, world_size=env.world_size, device=env.device)
+    model_cfg = None
+    if model is None:
+        model_cfg = runtime.model_config(enhancer, width_mult=cfg.width, num_classes=data.num_classes,
+                                         in_chans=data.in_chans,
+                                         small_input=default_small_input(data.image_size, cfg.small_input),
+                                         candidates=cfg.candidates, seed=cfg.seed)
+        model = runtime.build_model(model_cfg)
+    fmt = runtime.memory_format(cfg.channels_last, env.device)
+    model.to(env.device, memory_format=fmt)
+    info = runtime.describe_model(model, data.in_chans, data.image_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(data.train)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    epoch, history = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        epoch, history = ckpt["epoch"], ckpt["history"]
+        if not runtime.restore_rng_states(ckpt["rng"], env):
+            runtime.seed_everything(cfg.seed + 7919 * epoch + env.rank)
+        log(f"resumed {name} from {cfg.resume} at epoch {epoch}")
+    else:
+        torch.manual_seed(cfg.seed + 1 + env.rank)
+        logger.log("start", kind="train", name=name, config=dataclasses.asdict(cfg), enhancer=enhancer,
+                   world_size=env.world_size, device=str(env.device), data=data.describe(), **info)
+        log(f"retrain {name} on {env.device} x{env.world_size}: {info['params']:,} parameters, "
+            f"{cfg.epochs} epochs x {steps_per_epoch} steps; {data.describe()}")
+    net = model
+    if env.distributed:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    from tqdm.auto import tqdm
+
+    crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    metrics: Dict[str, float] = history[-1].get("test", {}) if history else {}
+    epochs_run = 0
+    train_acc = history[-1]["acc"] if history else float("nan")
+    while epoch < cfg.epochs and (stop_after_epochs is None or epochs_run < stop_after_epochs):
+        data.train.set_epoch(epoch)
+        t_epoch = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        bar = tqdm(data.train, desc=f"{name} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (cfg.progress and env.is_main))
+        for x, y in bar:
+            logits = net(x.contiguous(memory_format=fmt))
+            loss = crit(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            n = y.numel()
+            loss_sum += loss.item() * n
+            correct += (logits.detach().argmax(1) == y).sum().item()
+            seen += n
+            bar.set_postfix_str(f"loss {loss.item():.3f} acc {100.0 * correct / seen:.1f}% "
+                                f"lr {sched.get_last_lr()[0]:.4f}")
+        bar.close()
+        runtime.broadcast_buffers(model, env)
+        loss_sum, correct, seen = runtime.all_reduce_sum([loss_sum, correct, seen], env)
+        epoch += 1
+        epochs_run += 1
+        train_acc = 100.0 * correct / max(seen, 1)
+        record: Dict[str, Any] = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "acc": train_acc,
+                                  "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t_epoch, 2)}
+        if epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0):
+            metrics = runtime.evaluate(model, data.test, env, progress=cfg.progress, fmt=fmt)
+            record["test"] = metrics
+        history.append(record)
+        logger.log("epoch", name=name, **record)
+        test = record.get("test")
+        log(f"{name} epoch {epoch}/{cfg.epochs}: loss {record['loss']:.3f} train acc {train_acc:.1f}%"
+            + (f"  test top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}%" if test else "")
+            + f"  ({record['seconds']:.0f} s)")
+        state = {"kind": "train", "version": 1, "config": dataclasses.asdict(cfg), "model_config": model_cfg,
+                 "name": name, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "epoch": epoch, "history": history, "rng": runtime.gather_rng_states(env),
+                 "world_size": env.world_size, "data": {"train": data.train.state_dict()}}
+        if env.is_main:
+            runtime.save_checkpoint(state, out_dir / "checkpoint.pt")
+    if not metrics:
+        metrics = runtime.evaluate(model, data.test, env, progress=cfg.progress, fmt=fmt)
+    if epoch >= cfg.epochs:
+        logger.log("done", name=name, **metrics, **info, seconds=round(time.perf_counter() - t_start, 2))
+    ckpt_path = out_dir / "checkpoint.pt"
+    return TrainResult(name=name, enhancer=enhancer, top1=metrics["top1"], top5=metrics["top5"],
+                       loss=metrics["loss"], params=info["params"], macs=info["macs"], epochs=epoch,
+                       seconds=time.perf_counter() - t_start, train_acc=train_acc,
+                       checkpoint_path=ckpt_path if ckpt_path.exists() else None, history=history)
+
+
+def run_eval(checkpoint: str, *, data_dir: Optional[str] = None, test_subset: Optional[int] = None,
+             batch_size: int = 256, workers: int = 4, device: str = "auto", progress: bool = True,
+             log=print) -> Dict[str, Any]:
+    """Top-1/top-5 of a checkpoint (``train`` or ``search``) on the test split of its data set."""
+    ckpt = runtime.load_checkpoint(checkpoint)
+    if not ckpt.get("model_config"):
+        raise ValueError(f"{checkpoint} was written for a custom model; evaluate it with runtime.evaluate")
+    cfg = ckpt["config"]
+    env = runtime.setup_distributed(device)
+    log = log if env.is_main else (lambda *a, **k: None)
+    data = build_data(data_dir=data_dir if data_dir is not None else cfg.get("data_dir"), batch_size=batch_size,
+                      meta_fraction=None, test_subset=test_subset, train=False, workers=workers,
+                      image_size=cfg.get("image_size"), seed=cfg.get("seed", 0), rank=env.rank,
+                      world_size=env.world_size, device=env.device)
+    fmt = runtime.memory_format(None, env.device)
+    model = runtime.build_model(ckpt["model_config"]).to(env.device, memory_format=fmt)
+    model.load_state_dict(ckpt["model"])
+    metrics = runtime.evaluate(model, data.test, env, progress=progress, fmt=fmt)
+    info = runtime.describe_model(model, data.in_chans, data.image_size)
+    name = ckpt.get("name") or ("PMPL search network" if ckpt["kind"] == "search" else "model")
+    log(accuracy_table([{"name": name, **info, **metrics, "epochs": ckpt.get("epoch", ckpt.get("state", {}).get("epoch"))}],
+                       title=f"Evaluation of {checkpoint} on {data.name} ({metrics['samples']} test images)"))
+    return {"name": name, **info, **metrics}
+
+
+def accuracy_table(rows: List[Dict[str, Any]], title: str = "Accuracy") -> str:
+    """Model, parameters, multiply-adds per image, epochs, test top-1 / top-5."""
+    def fmt_macs(m):
+        return "" if m is None else f"{m / 1e6:.2f}M"
+    body = [(r["name"], f"{r['params']:,}", fmt_macs(r.get("macs")), r.get("epochs", ""),
+             f"{r['top1']:.2f}", f"{r['top5']:.2f}") for r in rows]
+    return format_table(("model", "params", "MACs", "epochs", "top-1 %", "top-5 %"), body, title=title)
+
+
+def result_row(res: TrainResult) -> Dict[str, Any]:
+    return {"name": res.name, "params": res.params, "macs": res.macs, "epochs": res.epochs,
+            "top1": res.top1, "top5": res.top5}
+
