@@ -51,7 +51,8 @@ StripGateArgs prepare_strip_gate(
 
   const auto acc = acc_type(x.scalar_type());
   StripGateArgs a;
-  a.x = x.contiguous();
+  a.channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  a.x = x.contiguous(a.format());
   a.g_h = g_h.to(acc).contiguous();
   a.g_w = g_w.to(acc).contiguous();
   if (base.has_value() && base->defined()) {
@@ -59,7 +60,7 @@ StripGateArgs prepare_strip_gate(
     check_device(op, "base", *base, x);
     TORCH_CHECK(base->sizes() == x.sizes(),
                 op, ": base must have the shape of x ", x.sizes(), ", got ", base->sizes());
-    a.base = base->to(x.scalar_type()).contiguous();
+    a.base = base->to(x.scalar_type()).contiguous(a.format());
   }
   if (weight.has_value() && weight->defined()) {
     check_float(op, "weight", *weight);
@@ -71,12 +72,12 @@ StripGateArgs prepare_strip_gate(
   return a;
 }
 
-at::Tensor prepare_grad(const char* op, const at::Tensor& grad, const at::Tensor& x) {
+at::Tensor prepare_grad(const char* op, const at::Tensor& grad, const StripGateArgs& a) {
   check_float(op, "grad", grad);
-  check_device(op, "grad", grad, x);
-  TORCH_CHECK(grad.sizes() == x.sizes(),
-              op, ": grad must have the shape of x ", x.sizes(), ", got ", grad.sizes());
-  return grad.to(x.scalar_type()).contiguous();
+  check_device(op, "grad", grad, a.x);
+  TORCH_CHECK(grad.sizes() == a.x.sizes(),
+              op, ": grad must have the shape of x ", a.x.sizes(), ", got ", grad.sizes());
+  return grad.to(a.x.scalar_type()).contiguous(a.format());
 }
 
 TORCH_LIBRARY(metapool, m) {

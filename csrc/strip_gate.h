@@ -18,10 +18,16 @@ inline at::ScalarType acc_type(at::ScalarType t) {
 }
 
 struct StripGateArgs {
-  at::Tensor x;       // (N, C, H, W), contiguous
+  // channels_last inputs stay channels_last (downstream convs and pooling are faster in it);
+  // every other layout is made contiguous. x, base and grad share the chosen format.
+  bool channels_last = false;
+  at::Tensor x;       // (N, C, H, W), contiguous in `format()`
   at::Tensor g_h;     // (N, C, H), contiguous, acc_type
   at::Tensor g_w;     // (N, C, W), contiguous, acc_type
-  at::Tensor base;    // undefined, or (N, C, H, W) contiguous in x's dtype
+  at::Tensor base;    // undefined, or (N, C, H, W) in x's dtype and format
+  at::MemoryFormat format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
   at::Tensor weight;  // undefined, or a one-element acc_type tensor
 };
 
@@ -35,8 +41,8 @@ StripGateArgs prepare_strip_gate(
     const c10::optional<at::Tensor>& base,
     const c10::optional<at::Tensor>& weight);
 
-// Checks grad against x and returns it contiguous in x's dtype.
-at::Tensor prepare_grad(const char* op, const at::Tensor& grad, const at::Tensor& x);
+// Checks grad against x and returns it in x's dtype and the args' format.
+at::Tensor prepare_grad(const char* op, const at::Tensor& grad, const StripGateArgs& a);
 
 // Kernel entry points. Forward returns y (x's dtype). Backward returns
 // (grad_x, grad_g_h, grad_g_w, grad_weight): grad_x in x's dtype, the rest in acc_type;

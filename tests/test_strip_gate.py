@@ -351,3 +351,33 @@ def test_inputs_not_written(device, dtype, layout):
 def test_ops_namespace():
     assert ops.strip_gate is strip_gate
     assert hasattr(torch.ops.metapool, "strip_gate") and hasattr(torch.ops.metapool, "strip_gate_backward")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory format: a channels_last input keeps its layout (downstream convs and pooling run in it).
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_is_kept(device, dtype):
+    shape = (3, 5, 6, 7)  # several images: the channels_last backward reduces per image
+    args = make_args(shape, dtype, "base_weight", device, seed=90)
+    go = randn(shape, 91, dtype, device)
+    cl = {k: to_layout(v, "channels_last") if v.dim() == 4 else v for k, v in args.items()}
+    out_cl, grads_cl = grads_of(call, cl, to_layout(go, "channels_last"))
+    out, grads = grads_of(call, args, go)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+    assert grads_cl["x"].is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(out_cl, out, TOL[dtype], "out")
+    for k in grads:
+        assert_rel_close(grads_cl[k], grads[k], X_GRAD_MULT * TOL[dtype], f"grad {k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_channels_last(device):
+    """The fake kernels must report the real kernels' strides for channels_last inputs too."""
+    a = make_args((2, 3, 4, 5), torch.float32, "base_weight", device, seed=92)
+    x = to_layout(a["x"], "channels_last")
+    base = to_layout(a["base"], "channels_last")
+    torch.library.opcheck(torch.ops.metapool.strip_gate.default, (x, a["g_h"], a["g_w"], base, a["weight"]))
+    go = to_layout(randn((2, 3, 4, 5), 93, torch.float32, device), "channels_last")
+    torch.library.opcheck(torch.ops.metapool.strip_gate_backward.default, (go, x, a["g_h"], a["g_w"], a["weight"]))

@@ -34,13 +34,23 @@ __global__ void strip_gate_forward_kernel(const scalar_t* __restrict__ x,
                                           const acc_t* __restrict__ gw,
                                           const acc_t* __restrict__ weight,
                                           scalar_t* __restrict__ y,
-                                          int64_t numel, int64_t H, int64_t W) {
+                                          int64_t numel, int64_t C, int64_t H, int64_t W, bool channels_last) {
   const acc_t w = weight ? *weight : acc_t(1);
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
-    const int64_t col = i % W;
-    const int64_t row = i / W;  // (n, c, h) flattened
-    const int64_t plane = row / H;
+    int64_t plane, row, col;  // plane = n*C + c, row = plane*H + h
+    if (channels_last) {
+      const int64_t c = i % C;
+      const int64_t nhw = i / C;
+      col = nhw % W;
+      const int64_t nh = nhw / W;
+      plane = (nh / H) * C + c;
+      row = plane * H + nh % H;
+    } else {
+      col = i % W;
+      row = i / W;
+      plane = row / H;
+    }
     acc_t v = w * sigmoid(gh[row]) * sigmoid(gw[plane * W + col]) * static_cast<acc_t>(x[i]);
     if (base) v += static_cast<acc_t>(base[i]);
     y[i] = static_cast<scalar_t>(v);
@@ -144,14 +154,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& g_h, const at::Tensor& g_w,
     const c10::optional<at::Tensor>& weight) {
   const StripGateArgs a = prepare_strip_gate("strip_gate_backward", x, g_h, g_w, c10::nullopt, weight);
-  return strip_gate_backward_cuda(prepare_grad("strip_gate_backward", grad, a.x), a);
+  return strip_gate_backward_cuda(prepare_grad("strip_gate_backward", grad, a), a);
 }
 
 }  // namespace
 
 at::Tensor strip_gate_forward_cuda(const StripGateArgs& a) {
   const c10::cuda::CUDAGuard guard(a.x.device());
-  at::Tensor y = at::empty_like(a.x);
+  at::Tensor y = at::empty_like(a.x, a.format());
   const int64_t numel = a.x.numel();
   if (numel == 0) return y;
   const int threads = 256;
@@ -163,15 +173,23 @@ at::Tensor strip_gate_forward_cuda(const StripGateArgs& a) {
         a.base.defined() ? a.base.const_data_ptr<scalar_t>() : nullptr,
         a.g_h.const_data_ptr<acc_t>(), a.g_w.const_data_ptr<acc_t>(),
         a.weight.defined() ? a.weight.const_data_ptr<acc_t>() : nullptr,
-        y.mutable_data_ptr<scalar_t>(), numel, a.x.size(2), a.x.size(3));
+        y.mutable_data_ptr<scalar_t>(), numel, a.x.size(1), a.x.size(2), a.x.size(3), a.channels_last);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> strip_gate_backward_cuda(
-    const at::Tensor& grad, const StripGateArgs& a) {
-  const c10::cuda::CUDAGuard guard(a.x.device());
+    const at::Tensor& grad_in, const StripGateArgs& a_in) {
+  const c10::cuda::CUDAGuard guard(a_in.x.device());
+  // The block-per-plane reduction walks NCHW planes: a channels_last input is reduced on NCHW
+  // copies and its grad_x handed back channels_last, as the caller's layout.
+  StripGateArgs a = a_in;
+  at::Tensor grad = grad_in;
+  if (a.channels_last) {
+    a.x = a_in.x.contiguous();
+    grad = grad_in.contiguous();
+  }
   const auto acc = acc_type(a.x.scalar_type());
   const int64_t planes = a.x.size(0) * a.x.size(1);
   at::Tensor grad_x = at::empty_like(a.x);
@@ -194,6 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> strip_gate_backward_c
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+  if (a_in.channels_last) grad_x = grad_x.contiguous(at::MemoryFormat::ChannelsLast);
   return {grad_x, grad_gh, grad_gw, plane.sum()};
 }
 

@@ -55,18 +55,25 @@ def strip_gate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels: shapes, dtypes and strides of the real ones (outputs are contiguous).
+# Fake kernels: shapes, dtypes and strides of the real ones. Outputs keep a channels_last input's
+# layout (downstream convs and pooling are faster in it) and are contiguous otherwise.
 # ---------------------------------------------------------------------------------------------
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @torch.library.register_fake("metapool::strip_gate")
 def _strip_gate_fake(x, g_h, g_w, base=None, weight=None):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=output_format(x))
 
 
 @torch.library.register_fake("metapool::strip_gate_backward")
 def _strip_gate_backward_fake(grad, x, g_h, g_w, weight=None):
     acc = compute_dtype(x.dtype)
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=output_format(x)),
         g_h.new_empty(g_h.shape, dtype=acc),
         g_w.new_empty(g_w.shape, dtype=acc),
         x.new_empty((), dtype=acc),
