@@ -135,6 +135,18 @@ def save_checkpoint(state: Dict[str, Any], path: Path | str) -> None:
     os.replace(tmp, path)
 
 
+def resume_config(cfg, kind: str, runtime_fields: Sequence[str]):
+    """(config, checkpoint) for a run that may resume: the checkpoint's saved config, except the
+    fields that only say how this invocation runs (device, workers, output, ...), which the caller's
+    config keeps. Without ``cfg.resume``: (cfg, None)."""
+    if not cfg.resume:
+        return cfg, None
+    ckpt = load_checkpoint(cfg.resume, kind=kind)
+    saved = dict(ckpt["config"])
+    saved.update({k: getattr(cfg, k) for k in runtime_fields})
+    return type(cfg)(**saved), ckpt
+
+
 def load_checkpoint(path: Path | str, kind: Optional[str] = None) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():

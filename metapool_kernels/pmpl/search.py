@@ -327,12 +327,7 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
     interruption would; ``cfg.resume`` continues from a checkpoint.
     """
     t_start = time.perf_counter()
-    ckpt = None
-    if cfg.resume:
-        ckpt = runtime.load_checkpoint(cfg.resume, kind="search")
-        saved = dict(ckpt["config"])
-        saved.update({k: getattr(cfg, k) for k in RUNTIME_FIELDS})
-        cfg = SearchConfig(**saved)
+    cfg, ckpt = runtime.resume_config(cfg, "search", RUNTIME_FIELDS)
     env = runtime.setup_distributed(cfg.device)
     log = log if env.is_main else (lambda *a, **k: None)
     out_dir = Path(cfg.out_dir)

@@ -111,12 +111,7 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
               name: Optional[str] = None, stop_after_epochs: Optional[int] = None, log=print) -> TrainResult:
     """Train from scratch, checkpoint every epoch, evaluate top-1/top-5 on the test split."""
     t_start = time.perf_counter()
-    ckpt = None
-    if cfg.resume:
-        ckpt = runtime.load_checkpoint(cfg.resume, kind="train")
-        saved = dict(ckpt["config"])
-        saved.update({k: getattr(cfg, k) for k in RUNTIME_FIELDS})
-        cfg = TrainConfig(**saved)
+    cfg, ckpt = runtime.resume_config(cfg, "train", RUNTIME_FIELDS)
     env = runtime.setup_distributed(cfg.device)
     log = log if env.is_main else (lambda *a, **k: None)
     out_dir = Path(cfg.out_dir)
