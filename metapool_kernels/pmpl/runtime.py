@@ -8,12 +8,15 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..reference import PAPER_CANDIDATES
+from .data import DataBundle, build_data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,16 +138,86 @@ def save_checkpoint(state: Dict[str, Any], path: Path | str) -> None:
     os.replace(tmp, path)
 
 
-def resume_config(cfg, kind: str, runtime_fields: Sequence[str]):
+@dataclass
+class RunConfig:
+    """What a search and a retraining share: data, model, θ's SGD (paper §3.1) and the run itself."""
+    # data
+    data_dir: Optional[str] = None
+    subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    batch_size: int = 128
+    workers: int = 4
+    image_size: Optional[int] = None
+    # model
+    width: float = 1.0
+    small_input: Optional[bool] = None
+    candidates: Tuple[str, ...] = PAPER_CANDIDATES
+    # θ: SGD with momentum and a cosine schedule
+    epochs: int = 30
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    # run
+    device: str = "auto"
+    # None: channels_last on CPU, where torch's pooling kernels are several times faster in it.
+    channels_last: Optional[bool] = None
+    seed: int = 0
+    out_dir: str = "runs"
+    resume: Optional[str] = None
+    progress: bool = True
+
+    # Fields a resumed run takes from the caller; everything else comes from the checkpoint.
+    RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = ("device", "workers", "resume", "progress", "out_dir")
+
+    def __post_init__(self):
+        self.candidates = tuple(self.candidates)
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+
+
+def resume_config(cfg: RunConfig, kind: str):
     """(config, checkpoint) for a run that may resume: the checkpoint's saved config, except the
-    fields that only say how this invocation runs (device, workers, output, ...), which the caller's
-    config keeps. Without ``cfg.resume``: (cfg, None)."""
+    fields that only say how this invocation runs (``RUNTIME_FIELDS``), which the caller's config
+    keeps. Without ``cfg.resume``: (cfg, None)."""
     if not cfg.resume:
         return cfg, None
     ckpt = load_checkpoint(cfg.resume, kind=kind)
     saved = dict(ckpt["config"])
-    saved.update({k: getattr(cfg, k) for k in runtime_fields})
+    saved.update({k: getattr(cfg, k) for k in cfg.RUNTIME_FIELDS})
     return type(cfg)(**saved), ckpt
+
+
+def start_run(cfg: RunConfig, kind: str, log):
+    """The start every run shares: resume, processes, logging (main process only), seeds.
+
+    Returns (cfg, checkpoint or None, DistEnv, log, out_dir, JsonlLogger).
+    """
+    cfg, ckpt = resume_config(cfg, kind)
+    env = setup_distributed(cfg.device)
+    log = log if env.is_main else (lambda *a, **k: None)
+    out_dir = Path(cfg.out_dir)
+    logger = JsonlLogger(out_dir / "log.jsonl", enabled=env.is_main)
+    seed_everything(cfg.seed)
+    return cfg, ckpt, env, log, out_dir, logger
+
+
+def run_data(cfg: RunConfig, env: "DistEnv", meta_fraction: Optional[float]) -> DataBundle:
+    """The data set a config names, split for this process (and into D_tr / D_mt with meta_fraction)."""
+    return build_data(data_dir=cfg.data_dir, batch_size=cfg.batch_size, meta_fraction=meta_fraction,
+                      subset=cfg.subset, test_subset=cfg.test_subset, workers=cfg.workers,
+                      image_size=cfg.image_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+                      device=env.device)
+
+
+def default_small_input(image_size: int, small_input: Optional[bool]) -> bool:
+    return image_size <= 64 if small_input is None else small_input
+
+
+def run_model_config(cfg: RunConfig, enhancer, data: DataBundle) -> Dict[str, Any]:
+    """The MobileNetV2 a config describes, for ``data``'s images and classes."""
+    return model_config(enhancer, width_mult=cfg.width, num_classes=data.num_classes, in_chans=data.in_chans,
+                        small_input=default_small_input(data.image_size, cfg.small_input),
+                        candidates=cfg.candidates, seed=cfg.seed)
 
 
 def load_checkpoint(path: Path | str, kind: Optional[str] = None) -> Dict[str, Any]:

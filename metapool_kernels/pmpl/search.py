@@ -33,32 +33,17 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models import alpha_parameters, derive, meta_layers, weight_parameters
-from ..reference import PAPER_CANDIDATES, MetaPooling
+from ..reference import MetaPooling
 from . import runtime
-from .data import DataBundle, build_data
+from .data import DataBundle
 from .report import genotype_table, plot_alpha_history
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(runtime.RunConfig):
     """Everything a search depends on. Defaults are the paper's §3.1 settings."""
-    # data
-    data_dir: Optional[str] = None
-    subset: Optional[int] = None
-    test_subset: Optional[int] = None
     meta_fraction: float = 0.5
-    batch_size: int = 128
-    workers: int = 4
-    image_size: Optional[int] = None
-    # model
-    width: float = 1.0
-    small_input: Optional[bool] = None
-    candidates: Tuple[str, ...] = PAPER_CANDIDATES
-    # optimisation
     epochs: int = 30
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
     alpha_lr: float = 3e-4
     alpha_weight_decay: float = 1e-3
     # DARTS' architecture optimiser, whose lr and weight decay §3.1 repeats, uses β1 = 0.5.
@@ -67,29 +52,16 @@ class SearchConfig:
     fix_every: str = "step"
     fresh_train_grad: bool = False
     grad_clip: Optional[float] = None
-    # run
-    device: str = "auto"
-    # None: channels_last on CPU, where torch's pooling kernels are several times faster in it.
-    channels_last: Optional[bool] = None
-    seed: int = 0
     out_dir: str = "runs/search"
-    resume: Optional[str] = None
     history_points: int = 50
-    progress: bool = True
 
     def __post_init__(self):
-        self.candidates = tuple(self.candidates)
+        super().__post_init__()
         self.alpha_betas = tuple(self.alpha_betas)
         if self.fix_every not in ("step", "epoch"):
             raise ValueError(f"fix_every must be 'step' or 'epoch', got {self.fix_every!r}")
         if not 0.0 < self.rho <= 1.0:
             raise ValueError(f"rho must lie in (0, 1], got {self.rho}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-
-
-# Fields a resumed run may take from the command line; everything else comes from the checkpoint.
-RUNTIME_FIELDS = ("device", "workers", "resume", "progress", "out_dir")
 
 
 @dataclass
@@ -314,10 +286,6 @@ def wrap_ddp(model: nn.Module, env: runtime.DistEnv) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # The search.
 # ---------------------------------------------------------------------------------------------
-def default_small_input(image_size: int, small_input: Optional[bool]) -> bool:
-    return image_size <= 64 if small_input is None else small_input
-
-
 def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Optional[DataBundle] = None,
                stop_after_epochs: Optional[int] = None, log=print) -> SearchResult:
     """Algorithm 1 end to end: search, save checkpoints every epoch, derive and save the genotype.
@@ -327,26 +295,14 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
     interruption would; ``cfg.resume`` continues from a checkpoint.
     """
     t_start = time.perf_counter()
-    cfg, ckpt = runtime.resume_config(cfg, "search", RUNTIME_FIELDS)
-    env = runtime.setup_distributed(cfg.device)
-    log = log if env.is_main else (lambda *a, **k: None)
-    out_dir = Path(cfg.out_dir)
-    logger = runtime.JsonlLogger(out_dir / "log.jsonl", enabled=env.is_main)
-    runtime.seed_everything(cfg.seed)
-
+    cfg, ckpt, env, log, out_dir, logger = runtime.start_run(cfg, "search", log)
     if data is None:
-        data = build_data(data_dir=cfg.data_dir, batch_size=cfg.batch_size, meta_fraction=cfg.meta_fraction,
-                          subset=cfg.subset, test_subset=cfg.test_subset, workers=cfg.workers,
-                          image_size=cfg.image_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                          device=env.device)
+        data = runtime.run_data(cfg, env, cfg.meta_fraction)
     if data.meta is None:
         raise ValueError("the search needs a meta split (D_mt of Eq. 3); build the data with a meta_fraction")
     model_cfg = None
     if model is None:
-        model_cfg = runtime.model_config("meta", width_mult=cfg.width, num_classes=data.num_classes,
-                                         in_chans=data.in_chans,
-                                         small_input=default_small_input(data.image_size, cfg.small_input),
-                                         candidates=cfg.candidates, seed=cfg.seed)
+        model_cfg = runtime.run_model_config(cfg, "meta", data)
         model = runtime.build_model(model_cfg)
     fmt = runtime.memory_format(cfg.channels_last, env.device)
     model.to(env.device, memory_format=fmt)

@@ -13,57 +13,27 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..reference import PAPER_CANDIDATES
 from . import runtime
 from .data import DataBundle, build_data
 from .report import format_table
-from .search import default_small_input
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(runtime.RunConfig):
     """A retraining run. Give ``genotype`` (a genotype JSON path) or ``enhancer`` (a name)."""
     genotype: Optional[str] = None
     enhancer: Optional[str] = None
-    # data
-    data_dir: Optional[str] = None
-    subset: Optional[int] = None
-    test_subset: Optional[int] = None
-    batch_size: int = 128
-    workers: int = 4
-    image_size: Optional[int] = None
-    # model
-    width: float = 1.0
-    small_input: Optional[bool] = None
-    candidates: tuple = PAPER_CANDIDATES
-    # optimisation (paper §3.1)
-    epochs: int = 200
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
+    epochs: int = 200  # paper §3.1
     label_smoothing: float = 0.0
-    # run
-    device: str = "auto"
-    # None: channels_last on CPU, where torch's pooling kernels are several times faster in it.
-    channels_last: Optional[bool] = None
-    seed: int = 0
     out_dir: str = "runs/retrain"
-    resume: Optional[str] = None
     eval_every: int = 1
-    progress: bool = True
 
-    def __post_init__(self):
-        self.candidates = tuple(self.candidates)
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-
-
-RUNTIME_FIELDS = ("device", "workers", "resume", "progress", "out_dir", "eval_every")
+    RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = runtime.RunConfig.RUNTIME_FIELDS + ("eval_every",)
 
 
 @dataclass
@@ -111,12 +81,7 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
               name: Optional[str] = None, stop_after_epochs: Optional[int] = None, log=print) -> TrainResult:
     """Train from scratch, checkpoint every epoch, evaluate top-1/top-5 on the test split."""
     t_start = time.perf_counter()
-    cfg, ckpt = runtime.resume_config(cfg, "train", RUNTIME_FIELDS)
-    env = runtime.setup_distributed(cfg.device)
-    log = log if env.is_main else (lambda *a, **k: None)
-    out_dir = Path(cfg.out_dir)
-    logger = runtime.JsonlLogger(out_dir / "log.jsonl", enabled=env.is_main)
-    runtime.seed_everything(cfg.seed)
+    cfg, ckpt, env, log, out_dir, logger = runtime.start_run(cfg, "train", log)
     enhancer = ckpt["model_config"]["enhancer"] if ckpt and ckpt.get("model_config") else None
     if model is None and enhancer is None:
         enhancer = resolve_enhancer(cfg)
@@ -130,15 +95,10 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
                 "MobileNetV2 + genotype" if isinstance(enhancer, list) else f"MobileNetV2 + {enhancer}")
 
     if data is None:
-        data = build_data(data_dir=cfg.data_dir, batch_size=cfg.batch_size, meta_fraction=None, subset=cfg.subset,
-                          test_subset=cfg.test_subset, workers=cfg.workers, image_size=cfg.image_size,
-                          seed=cfg.seed, rank=env.rank, world_size=env.world_size, device=env.device)
+        data = runtime.run_data(cfg, env, None)
     model_cfg = None
     if model is None:
-        model_cfg = runtime.model_config(enhancer, width_mult=cfg.width, num_classes=data.num_classes,
-                                         in_chans=data.in_chans,
-                                         small_input=default_small_input(data.image_size, cfg.small_input),
-                                         candidates=cfg.candidates, seed=cfg.seed)
+        model_cfg = runtime.run_model_config(cfg, enhancer, data)
         model = runtime.build_model(model_cfg)
     fmt = runtime.memory_format(cfg.channels_last, env.device)
     model.to(env.device, memory_format=fmt)
