@@ -22,12 +22,7 @@ TINY = (1, 4, 6, 7)
 SYNTH_GPU = "NVIDIA H100 80GB HBM3 (synthetic test data)"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_feature_shapes_are_mobilenet_v2s():

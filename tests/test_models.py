@@ -12,13 +12,7 @@ from metapool_kernels.models import (
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: on a small shared CPU, OpenMP threads cost far more than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GENOTYPE = ["skip", "avg3", "avg5", "avg7", "max3", "max5", "max7", "strip"] * 2 + ["strip"]
