@@ -61,25 +61,27 @@ class FusedMetaPooling(MetaPooling):
         backend = resolve_backend(self.backend, x)
         if backend == "torch":
             return super().forward(x)
+        names, pi = self._mixture(x)
         if backend == "triton":
-            from .ops.meta_pool import meta_pool  # Triton is imported only when it is used
-            if self.fixed is not None:
-                return meta_pool(x, None, (self.fixed,), self._gates())
-            return meta_pool(x, self.alpha, self.candidates, self._gates())
-        return self._forward_cpu(x)
+            from .ops.meta_pool import mix  # Triton is imported only when it is used
+            return mix(x, pi, names, self._gates())
+        return self._forward_cpu(x, names, pi)
 
-    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        xc = x.to(compute_dtype(x.dtype))
+    def _mixture(self, x: torch.Tensor):
+        """(ops to compute, their weights): a fixed layer's one op with no weight, else every
+        candidate with softmax(α) in x's compute dtype."""
         if self.fixed is not None:
-            names, pi = (self.fixed,), None
-        else:
-            names, pi = self.candidates, torch.softmax(self.alpha.to(xc.dtype), dim=0)
+            return (self.fixed,), None
+        return self.candidates, torch.softmax(self.alpha.to(compute_dtype(x.dtype)), dim=0)
+
+    def _forward_cpu(self, x: torch.Tensor, names, pi) -> torch.Tensor:
+        xc = x.to(compute_dtype(x.dtype))
         local = None
         for k, name in enumerate(names):
             if name == "strip":
                 continue
             term = local_op(name, xc)
-            term = term if pi is None else pi[k].to(xc.dtype) * term
+            term = term if pi is None else pi[k] * term
             local = term if local is None else local + term
         if "strip" not in names:
             return local.to(x.dtype)

@@ -711,7 +711,7 @@ def meta_pool(
     if alpha is None:
         if len(names) != 1:
             raise ValueError(f"alpha is required with several candidates, got {list(names)}")
-        pi = torch.ones(1, dtype=torch.float32, device=x.device)
+        pi = None
     else:
         if alpha.shape != (len(names),):
             raise ValueError(f"alpha must have shape ({len(names)},) for candidates {list(names)}, got {tuple(alpha.shape)}")
@@ -729,7 +729,20 @@ def meta_pool(
     check_same_device(x=x, alpha=pi, **{f"gate{i}": g for i, g in enumerate(gates)})
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("the Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors")
+    return mix(x, pi, names, gates)
+
+
+def mix(x: torch.Tensor, pi: Optional[torch.Tensor], names: Tuple[str, ...], gates) -> torch.Tensor:
+    """The launch behind :func:`meta_pool`, for arguments already validated (``FusedMetaPooling``
+    checks its input once and its candidates and gates when built).
+
+    pi: softmax(α) in the compute dtype, or None for a fixed layer (its one op, weight 1).
+    """
     if names == ("skip",):
         return x  # a fixed skip layer computes nothing
+    if pi is None:
+        pi = torch.ones(1, dtype=torch.float32, device=x.device)
+    if "strip" not in names:
+        gates = (None, None, None, None)
     out, _, _ = _meta_pool_op(x, pi, *gates, ",".join(names))
     return out
