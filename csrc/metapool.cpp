@@ -81,13 +81,23 @@ at::Tensor prepare_grad(const char* op, const at::Tensor& grad, const StripGateA
 }
 
 TORCH_LIBRARY(metapool, m) {
-  // Fake kernels and autograd for these ops are registered in this Python module; torch imports
-  // it on demand when an op is traced without them.
-  m.set_python_module("metapool_kernels.ops.strip_gate");
+  // Fake kernels and autograd for these ops are registered in this Python package; torch imports
+  // it on demand when an op is traced without them. meta_pool's CUDA kernels are Triton, also
+  // registered there.
+  m.set_python_module("metapool_kernels.ops");
   m.def("strip_gate(Tensor x, Tensor g_h, Tensor g_w, Tensor? base=None, Tensor? weight=None) -> Tensor");
   m.def(
       "strip_gate_backward(Tensor grad, Tensor x, Tensor g_h, Tensor g_w, Tensor? weight=None) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // candidates: comma-joined op names; pi: their weights, None for a fixed layer (one op, no
+  // weight); returns (out, z_h, z_w), z the strip means ((N, C, 0) without 'strip').
+  m.def(
+      "meta_pool(Tensor x, Tensor? pi, Tensor? gate_h_weight, Tensor? gate_h_bias, "
+      "Tensor? gate_w_weight, Tensor? gate_w_bias, str candidates) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "meta_pool_backward(Tensor grad, Tensor x, Tensor? pi, Tensor? gate_h_weight, "
+      "Tensor? gate_h_bias, Tensor? gate_w_weight, Tensor? gate_w_bias, Tensor z_h, Tensor z_w, "
+      "str candidates) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace metapool
