@@ -74,13 +74,41 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+def cpu_vector_flags():
+    """Compile the CPU kernels for the vector units of the machine that builds them (the package is
+    built where it runs, like -march=native): AVX2 + FMA where the CPU has them, ATen's portable
+    vectors otherwise. METAPOOL_CPU_ISA=default forces the portable build."""
+    isa = os.environ.get("METAPOOL_CPU_ISA", "auto").strip().lower()
+    if isa == "default":
+        return []
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if isa == "avx2" or {"avx2", "fma", "f16c"} <= flags:
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
 def extension():
-    defines = [
-        ("METAPOOL_SOURCE_HASH", f'"{source_hash()}"'),
-        ("METAPOOL_TORCH_VERSION", f'"{torch.__version__}"'),
-    ]
+    # The build information goes into a generated header that metapool.cpp alone includes, so an
+    # edit to one kernel recompiles that kernel and metapool.cpp, not every file.
+    info_dir = os.path.join(ROOT, "build", "generated")
+    os.makedirs(info_dir, exist_ok=True)
+    info = (f'#define METAPOOL_SOURCE_HASH "{source_hash()}"\n'
+            f'#define METAPOOL_TORCH_VERSION "{torch.__version__}"\n')
+    info_path = os.path.join(info_dir, "metapool_build_info.h")
+    if not os.path.exists(info_path) or open(info_path).read() != info:
+        with open(info_path, "w") as f:
+            f.write(info)
+    defines = []
     sources = [os.path.join("csrc", "metapool.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+    cxx = ["-O3"] + cpu_vector_flags()  # the C++ standard is the one torch.utils.cpp_extension picks
     if CUDA_HOME:
         print(f"metapool_kernels: building CUDA kernels with {CUDA_HOME}/bin/nvcc "
               f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -88,11 +116,13 @@ def extension():
             "metapool_kernels._C",
             sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
             define_macros=defines + [("METAPOOL_WITH_CUDA", None)],
+            include_dirs=[info_dir],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         )
     reason = "METAPOOL_NO_CUDA is set" if not want_cuda() else "no CUDA toolkit found"
     print(f"metapool_kernels: building CPU kernels only ({reason})")
-    return CppExtension("metapool_kernels._C", sources, define_macros=defines, extra_compile_args={"cxx": cxx})
+    return CppExtension("metapool_kernels._C", sources, define_macros=defines, include_dirs=[info_dir],
+                        extra_compile_args={"cxx": cxx})
 
 
 setup(

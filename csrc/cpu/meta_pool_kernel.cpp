@@ -1,0 +1,857 @@
+// CPU kernels of metapool::meta_pool and its backward.
+//
+// One mechanism serves both memory formats. The work is cut into items: a group of channels of one
+// image (NCHW: one (n, c) plane; channels_last: a block of `lanes` channels of image n) times a
+// chunk of rows. Each row of an item is copied into a packed float row (float32, or float64 for
+// float64 inputs) of length L = W · lanes, where column j, lane l sits at j · lanes + l; shifting
+// a row by d columns is then a shift by d · lanes, and every computation is a vector loop over
+// the packed row, vectorised along W in NCHW and along channels in channels_last.
+//
+// Window ops are separable. As a row arrives, its horizontal partials (sums, maxima and
+// first-argmax columns over 3, 5 and 7 columns; k = 3/5/7 share the shifted loads) go into a ring
+// of the last 8 rows; an output row then reduces its window's rows from the ring. Rows are
+// visited once per item, plus a halo of rows at chunk edges.
+//
+// Forward (bytes: 2|x| without 'strip', 3|x| with it — the floor):
+//   strip_sums: z_h, z_w (one read of x), then the gate logits (tiny GEMMs in ATen);
+//   forward:    out = Σ_local π_k op_k(x) + π_strip · x · σ(g_h) σ(g_w), one read of x, one write.
+// Backward (5|x|):
+//   strip_sums on grad · x: Σ_j grad·x·σ(g_w) and Σ_i grad·x·σ(g_h), which every element's gradient
+//     depends on through the strip means; the gate gradients from them (ATen);
+//   backward: grad x of every candidate at once — avg: box sums of grad / window counts; max: a
+//     gather from the windows whose recomputed argmax is this element (PyTorch's rule: the first
+//     maximum in row-major order, or the last NaN); strip and strip-mean adjoints — and the α
+//     partial sums Σ grad · op_k(x) in the same pass.
+// No atomics; every reduction has a fixed order that depends on the shape alone, and items are
+// cut by shape alone, so results are bitwise identical for any number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../meta_pool.h"
+#include "../strip_gate.h"
+
+namespace metapool {
+
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int kRing = 8;  // rows kept per ring: ≥ 2·3 + 2, the widest window plus the backward's lag
+
+// ---------------------------------------------------------------------------------------------
+// Vector loop helpers: full vectors, then one partial vector; `n` is a compile-time constant in
+// the main loop once the body is inlined.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+inline Vectorized<T> load(const T* p, int64_t n) {
+  return n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+}
+
+template <typename T>
+inline void store(T* p, const Vectorized<T>& v, int64_t n) {
+  if (n == Vectorized<T>::size()) v.store(p); else v.store(p, n);
+}
+
+// v with the lanes past n zeroed (a partial vector's garbage never enters a sum).
+template <typename T>
+inline Vectorized<T> masked(const Vectorized<T>& v, int64_t n) {
+  return n == Vectorized<T>::size() ? v : Vectorized<T>::set(Vectorized<T>(T(0)), v, n);
+}
+
+template <typename T, typename F>
+inline void vec_loop(int64_t L, F&& body) {
+  constexpr int64_t V = Vectorized<T>::size();
+  int64_t f = 0;
+  for (; f + V <= L; f += V) body(f, V);
+  if (f < L) body(f, L - f);
+}
+
+// Lanes summed in a fixed order.
+template <typename T>
+inline T reduce_sum(const Vectorized<T>& v) {
+  __at_align__ T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T s = lanes[0];
+  for (int64_t k = 1; k < Vectorized<T>::size(); ++k) s += lanes[k];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// How the tensor is cut into items.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kRowTarget = 1024;   // packed row length to aim for (~4 KiB of float32)
+constexpr int64_t kPackBelowW = 32;    // NCHW rows narrower than this pack several channels per row
+constexpr int64_t kItemTarget = 32;    // split rows into chunks until there are this many items
+constexpr int64_t kMinChunkRows = 32;  // ... but not into chunks shorter than this (halo cost)
+
+struct Layout {
+  int64_t N, C, H, W;
+  bool cl;
+  int64_t lanes;    // channels per packed row
+  int64_t cblocks;  // channel blocks per image
+  int64_t chunk;    // rows per chunk
+  int64_t chunks;
+
+  Layout(const at::Tensor& x, bool channels_last) {
+    N = x.size(0); C = x.size(1); H = x.size(2); W = x.size(3);
+    cl = channels_last;
+    // channels_last rows hold channels contiguously: vectorise along them. NCHW rows are
+    // vectorised along W when wide enough; narrow ones (the 14×14, 7×7 maps of deep blocks) are
+    // transposed on the fly so that channels fill the vectors there too.
+    const bool pack = cl || W < kPackBelowW;
+    lanes = pack ? std::min<int64_t>(C, std::max<int64_t>(8, kRowTarget / std::max<int64_t>(W, 1))) : 1;
+    cblocks = (C + lanes - 1) / lanes;
+    const int64_t groups = N * cblocks;
+    chunks = 1;
+    if (groups < kItemTarget && H > kMinChunkRows)
+      chunks = std::min((kItemTarget + groups - 1) / groups, H / kMinChunkRows);
+    chunk = (H + chunks - 1) / chunks;
+    chunks = (H + chunk - 1) / chunk;
+  }
+  int64_t groups() const { return N * cblocks; }
+  int64_t items() const { return groups() * chunks; }
+};
+
+// One item: its channels and rows, and where its rows are in memory.
+struct Item {
+  int64_t n, c0, clen, r0, r1, chunk, L;
+  int64_t base;     // offset of (n, c0, row 0, col 0)
+  int64_t rstride;  // elements between rows
+  int64_t cstride;  // elements between columns
+  int64_t lstride;  // elements between channels
+
+  Item(const Layout& g, int64_t index) {
+    const int64_t group = index / g.chunks;
+    chunk = index % g.chunks;
+    n = group / g.cblocks;
+    c0 = (group % g.cblocks) * g.lanes;
+    clen = std::min(g.lanes, g.C - c0);
+    r0 = chunk * g.chunk;
+    r1 = std::min(r0 + g.chunk, g.H);
+    L = g.W * clen;
+    rstride = g.cl ? g.W * g.C : g.W;
+    cstride = g.cl ? g.C : 1;
+    lstride = g.cl ? 1 : g.H * g.W;
+    base = n * g.C * g.H * g.W + c0 * lstride;
+  }
+  // Index of lane l's (n, c) in a (N, C, ·) strip tensor.
+  int64_t nc(const Layout& g, int64_t l) const { return n * g.C + c0 + l; }
+};
+
+template <typename S, typename D>
+inline void convert_contiguous(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) {
+    std::memcpy(dst, src, n * sizeof(D));
+  } else {
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(src[k]);
+  }
+}
+
+// Whether an item's packed row is laid out as its memory row.
+inline bool packed_is_contiguous(const Item& it, int64_t W) {
+  return (it.clen == 1 && (it.cstride == 1 || W == 1)) || (it.lstride == 1 && (it.cstride == it.clen || W == 1));
+}
+
+// Packs row `src` of an item into dst[j · clen + l] (converting to the accumulation type).
+template <typename scalar_t, typename acc_t>
+void load_row(const scalar_t* src, const Item& it, int64_t W, acc_t* dst) {
+  if (packed_is_contiguous(it, W)) {
+    convert_contiguous(src, dst, it.L);  // the packed row is the memory row
+  } else if (it.clen == 1) {
+    for (int64_t j = 0; j < W; ++j) dst[j] = static_cast<acc_t>(src[j * it.cstride]);
+  } else if (it.lstride == 1) {  // channels_last, a block of channels
+    for (int64_t j = 0; j < W; ++j) convert_contiguous(src + j * it.cstride, dst + j * it.clen, it.clen);
+  } else {  // NCHW, several channels packed: a transpose
+    for (int64_t l = 0; l < it.clen; ++l)
+      for (int64_t j = 0; j < W; ++j) dst[j * it.clen + l] = static_cast<acc_t>(src[l * it.lstride + j]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* src, const Item& it, int64_t W, scalar_t* dst) {
+  if (packed_is_contiguous(it, W)) {
+    convert_contiguous(src, dst, it.L);
+  } else if (it.clen == 1) {
+    for (int64_t j = 0; j < W; ++j) dst[j * it.cstride] = static_cast<scalar_t>(src[j]);
+  } else if (it.lstride == 1) {
+    for (int64_t j = 0; j < W; ++j) convert_contiguous(src + j * it.clen, dst + j * it.cstride, it.clen);
+  } else {
+    for (int64_t l = 0; l < it.clen; ++l)
+      for (int64_t j = 0; j < W; ++j) dst[l * it.lstride + j] = static_cast<scalar_t>(src[j * it.clen + l]);
+  }
+}
+
+// dst[j · lanes + l] = src[l · src_stride]: a per-channel value spread over a packed row.
+template <typename acc_t>
+void spread_lanes(const acc_t* src, int64_t src_stride, const Item& it, int64_t W, acc_t* dst) {
+  if (it.clen == 1) {
+    std::fill(dst, dst + W, src[0]);
+    return;
+  }
+  for (int64_t l = 0; l < it.clen; ++l) dst[l] = src[l * src_stride];
+  for (int64_t j = 1; j < W; ++j) std::copy(dst, dst + it.clen, dst + j * it.clen);
+}
+
+// dst[j · lanes + l] = src[l · src_stride + j]: a per-channel, per-column value as a packed row.
+template <typename acc_t>
+void pack_columns(const acc_t* src, int64_t src_stride, const Item& it, int64_t W, acc_t* dst) {
+  for (int64_t l = 0; l < it.clen; ++l)
+    for (int64_t j = 0; j < W; ++j) dst[j * it.clen + l] = src[l * src_stride + j];
+}
+
+// out[l] = Σ_j row[j · lanes + l], in a fixed order.
+template <typename acc_t>
+void lane_sums(const acc_t* row, const Item& it, int64_t W, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  if (it.clen == 1) {
+    Vec acc(acc_t(0));
+    vec_loop<acc_t>(it.L, [&](int64_t f, int64_t n) {
+      acc += n == Vec::size() ? Vec::loadu(row + f) : Vec::set(Vec(acc_t(0)), Vec::loadu(row + f, n), n);
+    });
+    out[0] = reduce_sum(acc);
+    return;
+  }
+  vec_loop<acc_t>(it.clen, [&](int64_t l, int64_t n) {
+    Vec acc(acc_t(0));
+    for (int64_t j = 0; j < W; ++j) acc += load(row + j * it.clen + l, n);
+    store(out + l, acc, n);
+  });
+}
+
+// Valid positions in the window [i - r, i + r] of a length-n axis (count_include_pad=False).
+inline int64_t window_count(int64_t i, int r, int64_t n) {
+  return std::min<int64_t>(i + r, n - 1) - std::max<int64_t>(i - r, 0) + 1;
+}
+
+// Per-call constants of a packed row, shared by every row of an item.
+template <typename acc_t>
+struct Columns {
+  std::vector<acc_t> col;                 // column index of each packed position
+  std::array<std::vector<acc_t>, 4> inv;  // [r]: 1 / (window count along W), r = 1..3
+  std::array<std::vector<acc_t>, 4> first;// [r]: first column of the window, r = 1..3
+
+  Columns(const Item& it, int64_t W, int R) : col(it.L) {
+    for (int64_t f = 0; f < it.L; ++f) col[f] = static_cast<acc_t>(f / it.clen);
+    for (int r = 1; r <= R; ++r) {
+      inv[r].resize(it.L);
+      first[r].resize(it.L);
+      for (int64_t f = 0; f < it.L; ++f) {
+        const int64_t j = f / it.clen;
+        inv[r][f] = acc_t(1) / static_cast<acc_t>(window_count(j, r, W));
+        first[r][f] = static_cast<acc_t>(std::max<int64_t>(j - r, 0));
+      }
+    }
+  }
+};
+
+// A ring of kRing packed rows, each with `pad` positions either side filled with `pad_value`.
+template <typename acc_t>
+struct Ring {
+  int64_t stride = 0, pad = 0;
+  std::vector<acc_t> data;
+  std::array<int64_t, kRing> tag;
+
+  void init(int64_t L, int64_t pad_, acc_t pad_value) {
+    pad = pad_;
+    stride = L + 2 * pad;
+    data.assign(kRing * stride, pad_value);
+    tag.fill(std::numeric_limits<int64_t>::min());
+  }
+  acc_t* row(int64_t r) { return data.data() + (r & (kRing - 1)) * stride + pad; }
+  // The row for r, zeroed the first time r claims its slot.
+  acc_t* claim(int64_t r, int64_t L) {
+    acc_t* p = row(r);
+    if (tag[r & (kRing - 1)] != r) {
+      std::fill(p, p + L, acc_t(0));
+      tag[r & (kRing - 1)] = r;
+    }
+    return p;
+  }
+};
+
+// The ring rows of one vertical window [p - r, p + r] ∩ [0, H), as plain pointers: the vector
+// loops then do no address arithmetic.
+template <typename acc_t>
+struct Window {
+  acc_t* row[7];
+  int count = 0;
+  int64_t first = 0;
+
+  Window() = default;
+  Window(Ring<acc_t>& ring, int64_t p, int r, int64_t H) {
+    first = std::max<int64_t>(p - r, 0);
+    const int64_t last = std::min<int64_t>(p + r, H - 1);
+    for (int64_t i = first; i <= last; ++i) row[count++] = ring.row(i);
+  }
+};
+
+// Horizontal partials of one packed row over windows of radius 1..R: sums from a zero-padded
+// row, maxima from a -inf-padded one (NaN propagates as in max_pool2d). k = 3, 5, 7 share loads.
+template <typename acc_t>
+void horizontal(const acc_t* xz, const acc_t* xn, int64_t L, int64_t lanes, int R_sum, int R_max,
+                const std::array<acc_t*, 4>& sums, const std::array<acc_t*, 4>& maxes) {
+  using Vec = Vectorized<acc_t>;
+  vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+    if (R_sum > 0) {
+      Vec s = load(xz + f, n);
+      for (int r = 1; r <= R_sum; ++r) {
+        s = s + load(xz + f - r * lanes, n) + load(xz + f + r * lanes, n);
+        if (sums[r]) store(sums[r] + f, s, n);
+      }
+    }
+    if (R_max > 0) {
+      Vec m = load(xn + f, n);
+      for (int r = 1; r <= R_max; ++r) {
+        m = at::vec::maximum(m, at::vec::maximum(load(xn + f - r * lanes, n), load(xn + f + r * lanes, n)));
+        if (maxes[r]) store(maxes[r] + f, m, n);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strip sums: rows[(n,c), i] = Σ_j q · b_j and cols[chunk, (n,c), j] = Σ_{i in chunk} q · a_i with
+// q = x (forward: a = b = 1) or grad · x (backward: a = σ(g_h), b = σ(g_w)); with weights, also
+// total[item] = Σ q · a · b.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void strip_sums(const Layout& g, const scalar_t* x, const scalar_t* grad, const at::opmath_type<scalar_t>* a,
+                const at::opmath_type<scalar_t>* b, at::opmath_type<scalar_t>* rows,
+                at::opmath_type<scalar_t>* cols, at::opmath_type<scalar_t>* total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t H = g.H, W = g.W, planes = g.N * g.C;
+  at::parallel_for(0, g.items(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const Item it(g, index);
+      const int64_t L = it.L;
+      std::vector<acc_t> q(L), gr(grad ? L : 0), a_row(a ? L : 0), b_row(b ? L : 0), col(L, acc_t(0)),
+          lane(it.clen), qb(b ? L : 0);
+      if (b) pack_columns(b + it.nc(g, 0) * W, W, it, W, b_row.data());
+      Vec tot(acc_t(0));
+      for (int64_t i = it.r0; i < it.r1; ++i) {
+        const int64_t off = it.base + i * it.rstride;
+        load_row(x + off, it, W, q.data());
+        if (grad) {
+          load_row(grad + off, it, W, gr.data());
+          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) { store(q.data() + f, load(q.data() + f, n) * load(gr.data() + f, n), n); });
+        }
+        const acc_t* qr = q.data();
+        if (b) {
+          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) { store(qb.data() + f, load(q.data() + f, n) * load(b_row.data() + f, n), n); });
+          qr = qb.data();
+        }
+        lane_sums(qr, it, W, lane.data());
+        for (int64_t l = 0; l < it.clen; ++l) rows[it.nc(g, l) * H + i] = lane[l];
+        if (a) {
+          spread_lanes(a + it.nc(g, 0) * H + i, H, it, W, a_row.data());
+          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+            const Vec qa = load(q.data() + f, n) * load(a_row.data() + f, n);
+            store(col.data() + f, load(col.data() + f, n) + qa, n);
+            if (n == Vec::size()) tot += qa * load(b_row.data() + f, n);
+            else tot += Vec::set(Vec(acc_t(0)), qa * load(b_row.data() + f, n), n);
+          });
+        } else {
+          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) { store(col.data() + f, load(col.data() + f, n) + load(q.data() + f, n), n); });
+        }
+      }
+      for (int64_t l = 0; l < it.clen; ++l)
+        for (int64_t j = 0; j < W; ++j) cols[(it.chunk * planes + it.nc(g, l)) * W + j] = col[j * it.clen + l];
+      if (total) total[index] = reduce_sum(tot);
+    }
+  });
+}
+
+// Σ over chunks, in chunk order: (chunks, P) → (P).
+template <typename acc_t>
+at::Tensor sum_chunks(const at::Tensor& parts) {
+  const int64_t chunks = parts.size(0), P = parts.numel() / std::max<int64_t>(chunks, 1);
+  at::Tensor out = at::empty({P}, parts.options());
+  const acc_t* p = parts.const_data_ptr<acc_t>();
+  acc_t* o = out.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, P, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      acc_t s = p[e];
+      for (int64_t c = 1; c < chunks; ++c) s += p[c * P + e];
+      o[e] = s;
+    }
+  });
+  return out;
+}
+
+// The π of each local slot (0 where absent) and of 'strip'; a fixed layer weighs its op by 1.
+template <typename acc_t>
+struct Weights {
+  std::array<acc_t, kLocalSlots> local{};
+  acc_t strip = acc_t(0);
+
+  explicit Weights(const MetaPoolArgs& a) {
+    const acc_t* pi = a.pi.defined() ? a.pi.const_data_ptr<acc_t>() : nullptr;
+    for (int s = 0; s < kLocalSlots; ++s)
+      if (a.cand.has(s)) local[s] = pi ? pi[a.cand.local_pos[s]] : acc_t(1);
+    if (a.cand.strip()) strip = pi ? pi[a.cand.strip_pos] : acc_t(1);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward: out = Σ_local π_k op_k(x) + π_strip · x · sh_i · sw_j (sh, sw: σ of the gate logits).
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void forward_kernel(const MetaPoolArgs& a, const Layout& g, const at::opmath_type<scalar_t>* sh,
+                    const at::opmath_type<scalar_t>* sw, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const Candidates& cand = a.cand;
+  const Weights<acc_t> w(a);
+  const int Ra = cand.avg_radius(), Rm = cand.max_radius(), R = std::max(Ra, Rm);
+  const int64_t H = g.H, W = g.W;
+  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+  const bool strip = cand.strip();
+
+  at::parallel_for(0, g.items(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const Item it(g, index);
+      const int64_t L = it.L, P = R * it.clen;
+      const Columns<acc_t> cols(it, W, R);
+      Ring<acc_t> xr, hs[4], hm[4];
+      xr.init(L, P, acc_t(0));
+      for (int r = 1; r <= R; ++r) {
+        if (cand.has(kAvg3 + r - 1)) hs[r].init(L, 0, acc_t(0));
+        if (cand.has(kMax3 + r - 1)) hm[r].init(L, 0, acc_t(0));
+      }
+      std::vector<acc_t> xn(L + 2 * P, -std::numeric_limits<acc_t>::infinity()), acc_row(L), sw_row, sh_row;
+      if (strip) {
+        sw_row.resize(L);
+        sh_row.resize(L);
+        pack_columns(sw + it.nc(g, 0) * W, W, it, W, sw_row.data());
+      }
+      for (int64_t t = std::max<int64_t>(it.r0 - R, 0); t < std::min<int64_t>(it.r1 + R, H) + R; ++t) {
+        if (t < std::min<int64_t>(it.r1 + R, H)) {  // row t arrives
+          acc_t* xz = xr.row(t);
+          load_row(x + it.base + t * it.rstride, it, W, xz);
+          std::array<acc_t*, 4> sums{}, maxes{};
+          for (int r = 1; r <= R; ++r) {
+            if (hs[r].stride) sums[r] = hs[r].row(t);
+            if (hm[r].stride) maxes[r] = hm[r].row(t);
+          }
+          if (Rm > 0) std::memcpy(xn.data() + P, xz, L * sizeof(acc_t));
+          horizontal(xz, xn.data() + P, L, it.clen, Ra, Rm, sums, maxes);
+        }
+        const int64_t p = t - R;  // output row p: its whole window is in the rings
+        if (p < it.r0 || p >= it.r1) continue;
+        // Every operand of the row, hoisted out of the vector loop.
+        Window<acc_t> avg_win[4], max_win[4];
+        std::array<acc_t, 4> avg_scale{}, max_scale{};
+        std::array<const acc_t*, 4> inv{};
+        for (int r = 1; r <= R; ++r) {
+          if (hs[r].stride) {
+            avg_win[r] = Window<acc_t>(hs[r], p, r, H);
+            avg_scale[r] = w.local[kAvg3 + r - 1] / static_cast<acc_t>(window_count(p, r, H));
+            inv[r] = cols.inv[r].data();
+          }
+          if (hm[r].stride) {
+            max_win[r] = Window<acc_t>(hm[r], p, r, H);
+            max_scale[r] = w.local[kMax3 + r - 1];
+          }
+        }
+        if (strip) spread_lanes(sh + it.nc(g, 0) * H + p, H, it, W, sh_row.data());
+        const acc_t* xp = xr.row(p);
+        const acc_t *shp = sh_row.data(), *swp = sw_row.data();
+        const bool skip = cand.has(kSkip);
+        const acc_t w_skip = w.local[kSkip], w_strip = w.strip;
+        acc_t* o_row = acc_row.data();
+        vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+          const Vec xv = load(xp + f, n);
+          Vec o = skip ? Vec(w_skip) * xv : Vec(acc_t(0));  // never 0 · inf
+          for (int r = 1; r <= R; ++r) {
+            if (const int c = avg_win[r].count) {
+              Vec s = load(avg_win[r].row[0] + f, n);
+              for (int k = 1; k < c; ++k) s += load(avg_win[r].row[k] + f, n);
+              o += Vec(avg_scale[r]) * s * load(inv[r] + f, n);
+            }
+            if (const int c = max_win[r].count) {
+              Vec m = load(max_win[r].row[0] + f, n);
+              for (int k = 1; k < c; ++k) m = at::vec::maximum(m, load(max_win[r].row[k] + f, n));
+              o += Vec(max_scale[r]) * m;
+            }
+          }
+          if (strip) o += Vec(w_strip) * xv * load(shp + f, n) * load(swp + f, n);
+          store(o_row + f, o, n);
+        });
+        store_row(acc_row.data(), it, W, out + it.base + p * it.rstride);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: grad x and the α partial sums of every local candidate.
+//   Stage A, row t arrives: horizontal max/argmax of x (max candidates) and box sums of
+//     grad / window count (avg candidates).
+//   Stage B, row p = t - R: each max window's vertical argmax row and value (α partial Σ g · max);
+//     its gradient is added to U[i] of the argmax row i (U: the column-gathered gradient);
+//     the avg adjoints (vertical box sums), skip and strip terms.
+//   Stage C, row i = p - Rm: the horizontal half of the max gather, then grad x of row i.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* grad,
+                     const at::opmath_type<scalar_t>* sh, const at::opmath_type<scalar_t>* sw,
+                     const at::opmath_type<scalar_t>* gzh, const at::opmath_type<scalar_t>* gzw,
+                     scalar_t* grad_x, at::opmath_type<scalar_t>* alpha_parts) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const Candidates& cand = a.cand;
+  const Weights<acc_t> w(a);
+  const int Ra = cand.avg_radius(), Rm = cand.max_radius(), R = std::max(Ra, Rm);
+  const int64_t H = g.H, W = g.W;
+  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+  const bool strip = cand.strip();
+  const acc_t kInf = std::numeric_limits<acc_t>::infinity();
+
+  at::parallel_for(0, g.items(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const Item it(g, index);
+      const int64_t L = it.L, P = R * it.clen;
+      const Columns<acc_t> cols(it, W, R);
+      Ring<acc_t> gr, xr, gx_acc, hb[4], hmax[4], harg[4], U[4];
+      gr.init(L, 0, acc_t(0));
+      xr.init(L, 0, acc_t(0));
+      gx_acc.init(L, 0, acc_t(0));
+      for (int r = 1; r <= R; ++r) {
+        if (cand.has(kAvg3 + r - 1)) hb[r].init(L, 0, acc_t(0));
+        if (cand.has(kMax3 + r - 1)) {
+          hmax[r].init(L, 0, acc_t(0));
+          harg[r].init(L, P, acc_t(-1));  // padding never names a column
+          U[r].init(L, P, acc_t(0));
+        }
+      }
+      std::vector<acc_t> xn(L + 2 * P, -kInf), gs(L + 2 * P, acc_t(0)), out_row(L), sw_row, sh_row, gzw_row,
+          gzh_row;
+      if (strip) {
+        sw_row.resize(L); sh_row.resize(L); gzw_row.resize(L); gzh_row.resize(L);
+        pack_columns(sw + it.nc(g, 0) * W, W, it, W, sw_row.data());
+        pack_columns(gzw + it.nc(g, 0) * W, W, it, W, gzw_row.data());
+      }
+      std::array<Vec, kLocalSlots> alpha;
+      alpha.fill(Vec(acc_t(0)));
+
+      const int64_t lag_c = R + Rm;  // stage C trails the newest row by this many rows
+      const int64_t t_end = std::min<int64_t>(it.r1 + R + Rm, H);
+      for (int64_t t = std::max<int64_t>(it.r0 - R - Rm, 0); t < it.r1 + lag_c; ++t) {
+        // ---- Stage A: row t arrives.
+        if (t < t_end) {
+          const int64_t off = it.base + t * it.rstride;
+          acc_t* gt = gr.row(t);
+          acc_t* xt = xr.row(t);
+          load_row(grad + off, it, W, gt);
+          load_row(x + off, it, W, xt);
+          if (Rm > 0) {
+            std::memcpy(xn.data() + P, xt, L * sizeof(acc_t));
+            const acc_t* xp = xn.data() + P;
+            for (int r = 1; r <= Rm; ++r) {
+              if (!hmax[r].stride) continue;
+              acc_t* hm = hmax[r].row(t);
+              acc_t* ha = harg[r].row(t);
+              const acc_t* first = cols.first[r].data();
+              const acc_t* col = cols.col.data();
+              // First maximum of each window in column order, or its last NaN (max_pool2d's
+              // scan: update when v > best or v is NaN). Windows nest: the scan of radius r is
+              // column j - r, then the window of radius r - 1 as one element, then column j + r.
+              const int64_t lanes = it.clen;
+              vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+                const Vec c = load(col + f, n);
+                Vec best(-kInf), arg = c;
+                auto scan = [&](const Vec& v, const Vec& at) {
+                  const Vec upd = (v > best) | v.isnan();
+                  best = Vec::blendv(best, v, upd);
+                  arg = Vec::blendv(arg, at, upd);
+                };
+                for (int r = 1; r <= Rm; ++r) {
+                  const Vec inner = best, inner_arg = arg;
+                  best = Vec(-kInf);
+                  arg = load(cols.first[r].data() + f, n);
+                  scan(load(xp + f - r * lanes, n), c - Vec(static_cast<acc_t>(r)));
+                  if (r == 1) scan(load(xp + f, n), c);
+                  else scan(inner, inner_arg);
+                  scan(load(xp + f + r * lanes, n), c + Vec(static_cast<acc_t>(r)));
+                  if (hmax[r].stride) {
+                    store(hmax[r].row(t) + f, best, n);
+                    store(harg[r].row(t) + f, arg, n);
+                  }
+                }
+              });
+            }
+          }
+          for (int r = 1; r <= Ra; ++r) {
+            if (!hb[r].stride) continue;
+            const acc_t row_inv = acc_t(1) / static_cast<acc_t>(window_count(t, r, H));
+            const acc_t* inv = cols.inv[r].data();
+            acc_t* gsp = gs.data() + P;
+            vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+              store(gsp + f, load(gt + f, n) * load(inv + f, n) * Vec(row_inv), n);
+            });
+            acc_t* out = hb[r].row(t);
+            const int64_t lanes = it.clen;
+            vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+              Vec s = load(gsp + f, n);
+              for (int d = 1; d <= r; ++d) s = s + load(gsp + f - d * lanes, n) + load(gsp + f + d * lanes, n);
+              store(out + f, s, n);
+            });
+          }
+        }
+
+        // ---- Stage B: row p = t - R, its windows complete.
+        const int64_t p = t - R;
+        if (p >= std::max<int64_t>(it.r0 - Rm, 0) && p < std::min<int64_t>(it.r1 + Rm, H)) {
+          const bool own = p >= it.r0 && p < it.r1;
+          const acc_t* gp = gr.row(p);
+          for (int r = 1; r <= Rm; ++r) {
+            if (!hmax[r].stride) continue;
+            const Window<acc_t> win(hmax[r], p, r, H);
+            // Rows whose U this window may feed: in the window and in this item.
+            const int64_t u0 = std::max(win.first, it.r0);
+            const int64_t u1 = std::min<int64_t>(win.first + win.count - 1, it.r1 - 1);
+            acc_t* urows[7];
+            acc_t uidx[7];
+            int nu = 0;
+            for (int64_t i = u0; i <= u1; ++i, ++nu) {
+              urows[nu] = U[r].claim(i, L);
+              uidx[nu] = static_cast<acc_t>(i);
+            }
+            const acc_t first_row = static_cast<acc_t>(win.first);
+            Vec alpha_row(acc_t(0));
+            vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+              Vec best(-kInf), row(first_row);
+              for (int k = 0; k < win.count; ++k) {
+                const Vec v = load(win.row[k] + f, n);
+                const Vec upd = (v > best) | v.isnan();
+                best = Vec::blendv(best, v, upd);
+                row = Vec::blendv(row, Vec(first_row + static_cast<acc_t>(k)), upd);
+              }
+              const Vec gv = load(gp + f, n);
+              alpha_row += masked(gv * best, n);
+              for (int k = 0; k < nu; ++k)
+                store(urows[k] + f, load(urows[k] + f, n) + (gv & (row == Vec(uidx[k]))), n);
+            });
+            if (own) alpha[kMax3 + r - 1] += alpha_row;
+          }
+          if (own) {
+            const acc_t* xp = xr.row(p);
+            acc_t* acc = gx_acc.row(p);
+            if (strip) {
+              spread_lanes(sh + it.nc(g, 0) * H + p, H, it, W, sh_row.data());
+              spread_lanes(gzh + it.nc(g, 0) * H + p, H, it, W, gzh_row.data());
+            }
+            Window<acc_t> avg_win[4];
+            std::array<acc_t, 4> avg_w{};
+            for (int r = 1; r <= Ra; ++r) {
+              if (!hb[r].stride) continue;
+              avg_win[r] = Window<acc_t>(hb[r], p, r, H);
+              avg_w[r] = w.local[kAvg3 + r - 1];
+            }
+            const bool skip = cand.has(kSkip);
+            const acc_t w_skip = w.local[kSkip], w_strip = w.strip;
+            const acc_t *shp = sh_row.data(), *swp = sw_row.data(), *gzhp = gzh_row.data(), *gzwp = gzw_row.data();
+            Vec a_skip(acc_t(0)), a_avg[4] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
+            vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+              const Vec gv = load(gp + f, n), xv = load(xp + f, n);
+              Vec o(acc_t(0));
+              if (skip) {
+                o = Vec(w_skip) * gv;
+                a_skip += masked(gv * xv, n);
+              }
+              for (int r = 1; r <= Ra; ++r) {
+                if (const int c = avg_win[r].count) {
+                  Vec s = load(avg_win[r].row[0] + f, n);
+                  for (int k = 1; k < c; ++k) s += load(avg_win[r].row[k] + f, n);
+                  a_avg[r] += masked(xv * s, n);
+                  o += Vec(avg_w[r]) * s;
+                }
+              }
+              if (strip)
+                o += Vec(w_strip) * gv * load(shp + f, n) * load(swp + f, n) + load(gzhp + f, n) + load(gzwp + f, n);
+              store(acc + f, o, n);
+            });
+            alpha[kSkip] += a_skip;
+            for (int r = 1; r <= Ra; ++r) alpha[kAvg3 + r - 1] += a_avg[r];
+          }
+        }
+
+        // ---- Stage C: row i = t - R - Rm, every U it gathers from complete.
+        const int64_t i = t - lag_c;
+        if (i < it.r0 || i >= it.r1) continue;
+        const acc_t* acc = gx_acc.row(i);
+        if (Rm == 0) {
+          store_row(acc, it, W, grad_x + it.base + i * it.rstride);
+          continue;
+        }
+        const acc_t* col = cols.col.data();
+        const acc_t *urow[4] = {}, *arow[4] = {};
+        std::array<acc_t, 4> max_w{};
+        for (int r = 1; r <= Rm; ++r) {
+          if (!hmax[r].stride) continue;
+          urow[r] = U[r].row(i);
+          arow[r] = harg[r].row(i);
+          max_w[r] = w.local[kMax3 + r - 1];
+        }
+        const int64_t lanes = it.clen;
+        acc_t* o_row = out_row.data();
+        vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+          Vec o = load(acc + f, n);
+          const Vec c = load(col + f, n);
+          for (int r = 1; r <= Rm; ++r) {
+            if (!urow[r]) continue;
+            Vec s(acc_t(0));
+            for (int d = -r; d <= r; ++d)
+              s += load(urow[r] + f + d * lanes, n) & (load(arow[r] + f + d * lanes, n) == c);
+            o += Vec(max_w[r]) * s;
+          }
+          store(o_row + f, o, n);
+        });
+        store_row(out_row.data(), it, W, grad_x + it.base + i * it.rstride);
+      }
+      for (int s = 0; s < kLocalSlots; ++s) alpha_parts[index * kLocalSlots + s] = reduce_sum(alpha[s]);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+// ---------------------------------------------------------------------------------------------
+// Gate logits g = W z + b of a strip mean z (N, C, S): a pointwise Conv1d.
+at::Tensor gate_logits(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias) {
+  const int64_t C = weight.size(0);
+  return at::matmul(weight.view({C, C}), z).add_(bias.view({C, 1}));
+}
+
+at::Tensor empty_strip(const MetaPoolArgs& a, int dim) {
+  const bool s = a.cand.strip();
+  return at::empty({a.x.size(0), a.x.size(1), s ? a.x.size(dim) : 0}, a.x.options().dtype(acc_type(a.x.scalar_type())));
+}
+
+// z_h, z_w: the strip means of x.
+std::tuple<at::Tensor, at::Tensor> strip_means(const MetaPoolArgs& a, const Layout& g) {
+  const auto acc = acc_type(a.x.scalar_type());
+  at::Tensor rows = at::empty({g.N, g.C, g.H}, a.x.options().dtype(acc));
+  at::Tensor cols = at::empty({g.chunks, g.N, g.C, g.W}, a.x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_strip_sums", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    strip_sums<scalar_t>(g, a.x.const_data_ptr<scalar_t>(), nullptr, nullptr, nullptr,
+                         rows.mutable_data_ptr<acc_t>(), cols.mutable_data_ptr<acc_t>(), nullptr);
+    cols = sum_chunks<acc_t>(cols).view({g.N, g.C, g.W});
+  });
+  return {rows.div_(g.W), cols.div_(g.H)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_pool_forward_cpu(
+    const at::Tensor& x_, const c10::optional<at::Tensor>& pi, const c10::optional<at::Tensor>& ghw,
+    const c10::optional<at::Tensor>& ghb, const c10::optional<at::Tensor>& gww,
+    const c10::optional<at::Tensor>& gwb, c10::string_view candidates) {
+  const MetaPoolArgs a = prepare_meta_pool("meta_pool", x_, pi, ghw, ghb, gww, gwb, std::string(candidates));
+  at::Tensor out = at::empty_like(a.x, a.x.options(), a.format());
+  at::Tensor z_h = empty_strip(a, 2), z_w = empty_strip(a, 3);
+  if (a.x.numel() == 0) return {out, z_h, z_w};
+  const Layout g(a.x, a.channels_last);
+  at::Tensor sh, sw;
+  if (a.cand.strip()) {
+    std::tie(z_h, z_w) = strip_means(a, g);
+    sh = gate_logits(z_h, a.gate_h_weight, a.gate_h_bias).sigmoid_().contiguous();
+    sw = gate_logits(z_w, a.gate_w_weight, a.gate_w_bias).sigmoid_().contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t>(a, g, sh.defined() ? sh.const_data_ptr<acc_t>() : nullptr,
+                             sw.defined() ? sw.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
+  });
+  return {out, z_h, z_w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_pool_backward_cpu(
+    const at::Tensor& grad_, const at::Tensor& x_, const c10::optional<at::Tensor>& pi,
+    const c10::optional<at::Tensor>& ghw, const c10::optional<at::Tensor>& ghb,
+    const c10::optional<at::Tensor>& gww, const c10::optional<at::Tensor>& gwb, const at::Tensor& z_h,
+    const at::Tensor& z_w, c10::string_view candidates) {
+  const MetaPoolArgs a = prepare_meta_pool("meta_pool_backward", x_, pi, ghw, ghb, gww, gwb, std::string(candidates));
+  TORCH_CHECK(at::isFloatingType(grad_.scalar_type()) && grad_.sizes() == a.x.sizes() && grad_.device() == a.x.device(),
+              "meta_pool_backward: grad must be a floating-point tensor of x's shape ", a.x.sizes(), " on ",
+              a.x.device(), ", got ", grad_.scalar_type(), " ", grad_.sizes(), " on ", grad_.device());
+  const at::Tensor grad = grad_.to(a.x.scalar_type()).contiguous(a.format());
+  const auto acc = acc_type(a.x.scalar_type());
+  const auto acc_opts = a.x.options().dtype(acc);
+  const int64_t K = a.cand.count;
+  at::Tensor grad_x = at::empty_like(a.x, a.x.options(), a.format());
+  at::Tensor grad_pi = at::zeros({a.pi.defined() ? K : 0}, acc_opts);
+  std::array<at::Tensor, 4> gate_grads;
+  const at::Tensor* gate_params[4] = {&a.gate_h_weight, &a.gate_h_bias, &a.gate_w_weight, &a.gate_w_bias};
+  for (int k = 0; k < 4; ++k)
+    gate_grads[k] = a.cand.strip() ? at::zeros_like(*gate_params[k]) : at::empty({0}, acc_opts);
+  if (a.x.numel() == 0) {
+    grad_x.zero_();
+    return {grad_x, grad_pi, gate_grads[0], gate_grads[1], gate_grads[2], gate_grads[3]};
+  }
+  const Layout g(a.x, a.channels_last);
+  const int64_t N = g.N, C = g.C, H = g.H, W = g.W;
+  at::Tensor sh, sw, gzh, gzw;
+  if (a.cand.strip()) {
+    TORCH_CHECK(z_h.sizes() == at::IntArrayRef({N, C, H}) && z_w.sizes() == at::IntArrayRef({N, C, W}),
+                "meta_pool_backward: z_h and z_w must be the forward's strip means, of shapes (N, C, H) and (N, C, W)");
+    const at::Tensor zh = z_h.to(acc).contiguous(), zw = z_w.to(acc).contiguous();
+    sh = gate_logits(zh, a.gate_h_weight, a.gate_h_bias).sigmoid_().contiguous();
+    sw = gate_logits(zw, a.gate_w_weight, a.gate_w_bias).sigmoid_().contiguous();
+    at::Tensor rows = at::empty({N, C, H}, acc_opts);
+    at::Tensor cols = at::empty({g.chunks, N, C, W}, acc_opts);
+    at::Tensor totals = at::empty({g.items()}, acc_opts);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_strip_sums", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      strip_sums<scalar_t>(g, a.x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+                           sh.const_data_ptr<acc_t>(), sw.const_data_ptr<acc_t>(), rows.mutable_data_ptr<acc_t>(),
+                           cols.mutable_data_ptr<acc_t>(), totals.mutable_data_ptr<acc_t>());
+      cols = sum_chunks<acc_t>(cols).view({N, C, W});
+      if (a.pi.defined()) grad_pi[a.cand.strip_pos] = sum_chunks<acc_t>(totals.view({-1, 1}))[0];
+    });
+    // rows = Σ_j grad·x·σ(g_w), cols = Σ_i grad·x·σ(g_h): the strip term's gradients by chain rule.
+    const at::Tensor w_strip = a.pi.defined() ? a.pi.narrow(0, a.cand.strip_pos, 1) : at::ones({1}, acc_opts);
+    const at::Tensor grad_gh = rows.mul_(sh * (1 - sh)).mul_(w_strip);
+    const at::Tensor grad_gw = cols.mul_(sw * (1 - sw)).mul_(w_strip);
+    gate_grads[0] = at::matmul(grad_gh, zh.transpose(1, 2)).sum(0).view({C, C, 1});
+    gate_grads[1] = grad_gh.sum({0, 2});
+    gate_grads[2] = at::matmul(grad_gw, zw.transpose(1, 2)).sum(0).view({C, C, 1});
+    gate_grads[3] = grad_gw.sum({0, 2});
+    gzh = at::matmul(a.gate_h_weight.view({C, C}).t(), grad_gh).div_(W).contiguous();
+    gzw = at::matmul(a.gate_w_weight.view({C, C}).t(), grad_gw).div_(H).contiguous();
+  }
+  at::Tensor alpha_parts = at::empty({g.items(), kLocalSlots}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+    backward_kernel<scalar_t>(a, g, grad.const_data_ptr<scalar_t>(), ptr(sh), ptr(sw), ptr(gzh), ptr(gzw),
+                              grad_x.mutable_data_ptr<scalar_t>(), alpha_parts.mutable_data_ptr<acc_t>());
+    if (a.pi.defined()) {
+      const at::Tensor sums = sum_chunks<acc_t>(alpha_parts);
+      for (int s = 0; s < kLocalSlots; ++s)
+        if (a.cand.has(s)) grad_pi[a.cand.local_pos[s]] = sums[s];
+    }
+  });
+  return {grad_x, grad_pi, gate_grads[0], gate_grads[1], gate_grads[2], gate_grads[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metapool, CPU, m) {
+  m.impl("meta_pool", &meta_pool_forward_cpu);
+  m.impl("meta_pool_backward", &meta_pool_backward_cpu);
+}
+
+}  // namespace metapool
