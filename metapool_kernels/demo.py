@@ -9,6 +9,8 @@
 On a CPU the whole run takes a few minutes; with CUDA it uses more data and epochs. The search
 budget is tiny next to the paper's (30 epochs of ImageNet), so the demo raises α's learning rate and
 lowers ρ to let Eq. 4 fix layers within it; the CLI keeps the paper's values.
+Each demo writes into a fresh folder, METAPOOL_DEMO_OUT/<date-time> (default runs/demo/<date-time>),
+so it never writes over an earlier demo's results.
 Environment: METAPOOL_DEMO_PROFILE (cpu, gpu, tiny) and METAPOOL_DEMO_OUT (default runs/demo).
 """
 from __future__ import annotations
@@ -65,12 +67,27 @@ def cpu_threads() -> int:
     return max(1, min(torch.get_num_threads(), int(free + 0.5)))
 
 
+def fresh_folder(root: Path) -> Path:
+    """A new folder under ``root`` named after the current date and time."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free folder name for {stamp} under {root}")
+
+
 def main(profile: Optional[str] = None, out_dir: Optional[os.PathLike] = None) -> Dict[str, Any]:
+    """Run the demo; ``out_dir`` (empty or new) holds its runs, else a fresh folder under
+    METAPOOL_DEMO_OUT."""
     profile = profile or os.environ.get("METAPOOL_DEMO_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
     if profile not in PROFILES:
         raise ValueError(f"unknown demo profile {profile!r}; choose from {list(PROFILES)}")
     p = PROFILES[profile]
-    out = Path(out_dir or os.environ.get("METAPOOL_DEMO_OUT", "runs/demo"))
+    out = Path(out_dir) if out_dir is not None else fresh_folder(Path(os.environ.get("METAPOOL_DEMO_OUT", "runs/demo")))
     device = "cuda" if profile == "gpu" else "cpu"
     threads = torch.get_num_threads()
     if device == "cpu":

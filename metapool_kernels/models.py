@@ -20,6 +20,7 @@ how many of its layers chose 'strip', the only op with parameters).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -39,7 +40,8 @@ from .reference import PAPER_CANDIDATES, MetaPooling
 __all__ = [
     "ENHANCERS", "ENHANCER_DOCS", "NUM_BLOCKS", "SMALL_INPUT_STRIDE1", "EnhancedBlock", "mobilenet_v2",
     "meta_layers", "searchable_layers", "derive", "alpha_parameters", "weight_parameters",
-    "check_genotype", "save_genotype", "load_genotype", "count_params", "count_macs", "count_flops",
+    "check_genotype", "save_genotype", "load_genotype", "read_genotype_file", "count_params", "count_macs",
+    "count_flops",
 ]
 
 NUM_BLOCKS = 17  # inverted-residual blocks in MobileNetV2, at every width multiplier
@@ -123,22 +125,32 @@ def save_genotype(genotype: Sequence[str], path: Union[str, os.PathLike], **meta
         f.write(text + "\n")
 
 
-def load_genotype(path: Union[str, os.PathLike]) -> List[str]:
-    """Read a genotype written by :func:`save_genotype`, validating every op name."""
+def read_genotype_file(path: Union[str, os.PathLike]) -> Dict:
+    """The JSON object a genotype file holds, its ``genotype`` validated; ValueError (or
+    FileNotFoundError) naming the file and the problem for anything else."""
+    name = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"genotype file not found: {os.fspath(path)!r}")
+        raise FileNotFoundError(f"genotype file not found: {name!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"genotype file {name!r} is not a file (a folder? give the genotype.json inside it)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"genotype file {os.fspath(path)!r} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"genotype file {name!r} is not valid JSON: {e}") from e
     if not isinstance(data, dict) or "genotype" not in data:
-        raise ValueError(f"genotype file {os.fspath(path)!r} has no 'genotype' key "
+        raise ValueError(f"genotype file {name!r} has no 'genotype' key "
                          f"(expected {{\"genotype\": [op, ...], ...}})")
     try:
-        return check_genotype(data["genotype"], length=None)
+        data["genotype"] = check_genotype(data["genotype"], length=None)
     except ValueError as e:
-        raise ValueError(f"genotype file {os.fspath(path)!r}: {e}") from e
+        raise ValueError(f"genotype file {name!r}: {e}") from e
+    return data
+
+
+def load_genotype(path: Union[str, os.PathLike]) -> List[str]:
+    """Read a genotype written by :func:`save_genotype`, validating every op name."""
+    return read_genotype_file(path)["genotype"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +221,23 @@ def _init_new(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _check_build_args(width_mult, num_classes, in_chans, small_input, fused, seed) -> None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not (
+            math.isfinite(width_mult) and width_mult > 0):
+        raise ValueError(f"width_mult must be a positive finite number, got {width_mult!r}")
+    for name, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("small_input", small_input), ("fused", fused)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if not is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
 def mobilenet_v2(enhancer: Union[str, Sequence[str]] = "meta", width_mult: float = 1.0,
                  num_classes: int = 1000, in_chans: int = 3, small_input: bool = False,
                  candidates: Sequence[str] = PAPER_CANDIDATES, fused: bool = True,
@@ -226,6 +255,7 @@ def mobilenet_v2(enhancer: Union[str, Sequence[str]] = "meta", width_mult: float
         fused: Meta-Pooling layers are ``FusedMetaPooling`` if True, the reference ``MetaPooling`` if not.
         seed: the draw of 'random'.
     """
+    _check_build_args(width_mult, num_classes, in_chans, small_input, fused, seed)
     genotype = _genotype_for(enhancer, candidates, seed)
     name = enhancer if genotype is None else "genotype"
     model = torchvision.models.mobilenet_v2(weights=None, width_mult=width_mult, num_classes=num_classes)
@@ -278,7 +308,13 @@ def derive(model: nn.Module) -> List[str]:
     if not layers:
         raise ValueError("derive() needs a model with Meta-Pooling layers (enhancer 'meta', a genotype, "
                          "'maxpool', 'avgpool', 'strip' or 'random'); this model has none")
-    return [m.fixed if m.fixed is not None else m.candidates[int(m.probs().argmax())] for m in layers]
+    genotype = []
+    for i, m in enumerate(layers):
+        if m.fixed is None and not bool(torch.isfinite(m.alpha).all()):
+            raise ValueError(f"Meta-Pooling layer {i}: alpha is not finite ({m.alpha.detach().tolist()}); "
+                             f"no op can be derived from it")
+        genotype.append(m.fixed if m.fixed is not None else m.candidates[int(m.probs().argmax())])
+    return genotype
 
 
 def alpha_parameters(model: nn.Module) -> List[nn.Parameter]:

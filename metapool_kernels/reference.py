@@ -144,7 +144,8 @@ class MetaPooling(nn.Module):
     """Parameterized spatial enhancer: ``sum_k softmax(alpha)_k * op_k(x)``.
 
     Once :meth:`fix` names an op, the layer computes exactly that op (no weight) and nothing else.
-    The fixed choice travels with ``state_dict()`` (as extra state) so checkpoints restore it.
+    The fixed choice and the candidate list travel with ``state_dict()`` (as extra state): checkpoints
+    restore the choice, and a layer refuses a state saved from other candidates.
     """
 
     def __init__(self, channels: int, candidates: Sequence[str] = PAPER_CANDIDATES):
@@ -167,21 +168,41 @@ class MetaPooling(nn.Module):
         return torch.softmax(self.alpha, dim=0)
 
     def fix(self, name: str) -> None:
+        """Compute only op ``name`` from now on. A fixed layer stays fixed: fixing it again to its own
+        op does nothing, to another op is refused (the choice of Eq. 4 is final; build a new layer,
+        or load a state_dict, to choose again)."""
         if name not in self.candidates:
             raise ValueError(f"cannot fix to {name!r}: not among this layer's candidates {list(self.candidates)}")
+        if self.fixed is not None and self.fixed != name:
+            raise ValueError(f"this layer is already fixed to {self.fixed!r}; it cannot be fixed again to {name!r}")
         self.fixed = name
         self.alpha.requires_grad_(False)
 
     def get_extra_state(self):
-        return {"fixed": self.fixed}
+        # The candidates travel with α: α's k-th entry means op k only for this candidate list.
+        return {"fixed": self.fixed, "candidates": list(self.candidates)}
 
     def set_extra_state(self, state) -> None:
-        fixed = state.get("fixed") if isinstance(state, dict) else None
-        if fixed is None:
-            self.fixed = None
-            self.alpha.requires_grad_(True)
-        else:
-            self.fix(fixed)
+        """Restore the fixed op; refuse a state saved from a layer with other candidates (or in
+        another order). States without ``candidates`` (older checkpoints) are accepted."""
+        if not isinstance(state, dict) or not set(state) <= {"fixed", "candidates"}:
+            raise ValueError(f"expected {{'fixed': op or None, 'candidates': [op, ...]}}, got {state!r}")
+        saved = state.get("candidates")
+        if saved is not None and (not isinstance(saved, (list, tuple)) or tuple(saved) != self.candidates):
+            raise ValueError(f"the state was saved from a layer with candidates {saved!r}, this layer has "
+                             f"{list(self.candidates)}: alpha's entries would mean other ops")
+        fixed = state.get("fixed")
+        if fixed is not None and fixed not in self.candidates:
+            raise ValueError(f"the state is fixed to {fixed!r}, not among this layer's candidates "
+                             f"{list(self.candidates)}")
+        self.fixed = fixed
+        self.alpha.requires_grad_(fixed is None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        except ValueError as e:  # from set_extra_state: say which layer
+            raise ValueError(f"{prefix}_extra_state: {e}") from e
 
     def extra_repr(self) -> str:
         s = f"{self.channels}, candidates={list(self.candidates)}"
@@ -193,6 +214,9 @@ class MetaPooling(nn.Module):
     def _validate(self, x: torch.Tensor) -> None:
         check_input(x, self.channels)
         check_same_device(x=x, alpha=self.alpha)
+        if self.alpha.shape != (len(self.candidates),):  # shapes live on the host: no synchronisation
+            raise ValueError(f"alpha has shape {tuple(self.alpha.shape)} but this layer has "
+                             f"{len(self.candidates)} candidates {list(self.candidates)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._validate(x)

@@ -194,6 +194,74 @@ def test_save_genotype_rejects_unknown_ops(tmp_path):
         save_genotype(["skip", "huge"], tmp_path / "g.json")
 
 
+def test_load_genotype_names_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="is not a file.*folder"):
+        load_genotype(tmp_path)
+
+
+def test_genotype_loader_fuzz(tmp_path):
+    """Random bytes, every truncation of a real file, wrong types and deep nesting: always a
+    ValueError naming the file, never another exception."""
+    import random
+
+    path = tmp_path / "g.json"
+    save_genotype(GENOTYPE, path, probs=[0.5] * NUM_BLOCKS, model_config={"width_mult": 0.5})
+    good = path.read_bytes()
+    rng = random.Random(0)
+    cases = [good[:n] for n in range(0, len(good) - 1, 7)]
+    cases += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(40)]
+    cases += [good.replace(b'"skip"', b'"skip\\u0000"', 1), good.replace(b'"genotype"', b'"genotypes"'),
+              b"[" * 100_000, b'{"genotype": ' + b"[" * 100_000 + b"}", b"\xff\xfe{}", b"null", b"42",
+              b'{"genotype": null}', b'{"genotype": [null]}', b'{"genotype": {"0": "skip"}}', b'{"genotype": [NaN]}']
+    for data in cases:
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match="genotype file '.*g.json'"):
+            load_genotype(path)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(width_mult=0), "width_mult must be a positive finite number"),
+    (dict(width_mult=-1), "width_mult must be a positive"),
+    (dict(width_mult=float("nan")), "width_mult must be"),
+    (dict(width_mult=float("inf")), "width_mult must be"),
+    (dict(width_mult="1.0"), "width_mult must be"),
+    (dict(width_mult=True), "width_mult must be"),
+    (dict(num_classes=0), "num_classes must be a positive int"),
+    (dict(num_classes=2.0), "num_classes must be a positive int"),
+    (dict(in_chans=0), "in_chans must be a positive int"),
+    (dict(in_chans=True), "in_chans must be a positive int"),
+    (dict(small_input="yes"), "small_input must be True or False"),
+    (dict(fused=1), "fused must be True or False"),
+    (dict(seed=1.5), "seed must be an int"),
+    (dict(candidates=()), "at least one op"),
+    (dict(candidates=("skip", "conv3")), "unknown candidate"),
+    (dict(candidates="skip"), "not a single string"),
+], ids=lambda v: repr(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]!r}" for k in v))
+def test_mobilenet_v2_rejects_bad_arguments(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        mobilenet_v2("meta", **kw)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_derive_refuses_non_finite_alpha(value):
+    model = small("meta")
+    layers = meta_layers(model)
+    layers[0].fix("strip")  # a fixed layer's α does not matter
+    with torch.no_grad():
+        layers[0].alpha[0] = value
+        layers[4].alpha[2] = value
+    with pytest.raises(ValueError, match="Meta-Pooling layer 4: alpha is not finite"):
+        derive(model)
+
+
+@pytest.mark.parametrize("cls", [MetaPooling, FusedMetaPooling])
+def test_alpha_shape_checked_in_both_layers(cls):
+    layer = cls(4)
+    layer.alpha = torch.nn.Parameter(torch.zeros(10))
+    with pytest.raises(ValueError, match="alpha has shape \\(10,\\) but this layer has 8 candidates"):
+        layer(torch.randn(1, 4, 5, 5))
+
+
 # Meta-Pooling paper, Table 4 (MobileNetV2-1.0, ImageNet, 1000 classes), and the exact counts built here.
 # SE, CBAM and SK use reduction 8 and CoordAttention sits after each depthwise conv as in its own paper:
 # those choices reproduce the table (see ENHANCER_DOCS); each count rounds to the table's value.

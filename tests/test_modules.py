@@ -208,7 +208,7 @@ def test_fixed_computes_only_that_op(monkeypatch):
     fused(randn((1, 3, 4, 4), 70))
     assert seen == ["max5"] and not calls
     seen.clear()
-    fused.fix("strip")
+    _, fused = make_pair(3, backend="cpu", seed=7, fixed="strip")
     fused(randn((1, 3, 4, 4), 71))
     assert seen == [] and len(calls) == 1
     assert calls[0][3] is None and calls[0][4] is None  # no base, no weight: strip alone, unweighted

@@ -315,8 +315,8 @@ def test_resume_reaches_the_same_state(tmp_path):
             assert a[k] == b[k], k
     assert resumed.events == full.events and resumed.genotype == full.genotype
     assert resumed.history == full.history
-    ca = torch.load(full.checkpoint_path, weights_only=False)
-    cb = torch.load(resumed.checkpoint_path, weights_only=False)
+    ca = torch.load(full.checkpoint_path, weights_only=True)
+    cb = torch.load(resumed.checkpoint_path, weights_only=True)
     for key in ("a_opt", "w_opt"):
         for (i, sa), (j, sb) in zip(sorted(ca[key]["state"].items()), sorted(cb[key]["state"].items())):
             for name in sa:

@@ -52,7 +52,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.filterwarnings("ignore:Grad strides do not match")
 def test_two_gloo_ranks_keep_alpha_adam_state_and_fixed_set_identical(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     assert not torch.equal(r0["first_labels"], r1["first_labels"])  # the ranks did see different data
     assert r0["steps"] == r1["steps"] > 0
     assert r0["fixed"] == r1["fixed"] and r0["events"] == r1["events"] and r0["genotype"] == r1["genotype"]

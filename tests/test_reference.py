@@ -493,3 +493,86 @@ def test_to_layout(layout):
         assert y.is_contiguous(memory_format=torch.channels_last)
     g = to_layout(randn((2, 3, 4), 3), "noncontiguous")
     assert not g.is_contiguous() and not g.isnan().any()
+
+
+# --------------------------------------------------------------------------------------------
+# α that does not fit the layer; extra state; fix() on a fixed layer.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [10, 3, 0, 1])
+@pytest.mark.parametrize("fixed", [None, "avg3"])
+def test_alpha_of_the_wrong_shape_is_refused_in_forward(size, fixed):
+    layer = MetaPooling(3)
+    if fixed:
+        layer.fix(fixed)
+    layer.alpha = torch.nn.Parameter(torch.zeros(size))
+    with pytest.raises(ValueError, match=f"alpha has shape \\({size},\\) but this layer has 8 candidates"):
+        layer(randn((1, 3, 4, 4), 2))
+    layer.alpha = torch.nn.Parameter(torch.zeros(2, 4))  # right count, wrong shape
+    with pytest.raises(ValueError, match="alpha has shape \\(2, 4\\)"):
+        layer(randn((1, 3, 4, 4), 2))
+
+
+def test_alpha_of_the_wrong_shape_is_refused_on_load():
+    state = MetaPooling(3).state_dict()
+    state["alpha"] = torch.zeros(10)
+    state["_extra_state"] = {"fixed": None}  # an old-format state: only α's size can catch it
+    with pytest.raises(RuntimeError, match="size mismatch for alpha"):
+        MetaPooling(3).load_state_dict(state)
+
+
+def test_extra_state_keeps_the_candidates():
+    layer = MetaPooling(3, ("max3", "skip"))
+    assert layer.state_dict()["_extra_state"] == {"fixed": None, "candidates": ["max3", "skip"]}
+
+
+def test_state_from_other_candidates_or_order_is_refused():
+    src = make_layer(3, ("skip", "avg3", "max3"), seed=8)
+    src.fix("max3")
+    for candidates in [("skip", "max3", "avg3"), ("max3", "avg3", "skip")]:  # same ops, same α size
+        dst = MetaPooling(3, candidates)
+        with pytest.raises(ValueError, match="_extra_state: the state was saved from a layer with candidates"):
+            dst.load_state_dict(src.state_dict())
+        assert dst.fixed is None  # nothing half-applied to the choice
+    MetaPooling(3, ("skip", "avg3", "max3")).load_state_dict(src.state_dict())  # the same order loads
+
+
+def test_old_extra_state_without_candidates_still_loads():
+    src = make_layer(3, seed=9)
+    state = src.state_dict()
+    state["_extra_state"] = {"fixed": "avg5"}
+    dst = MetaPooling(3)
+    dst.load_state_dict(state)
+    assert dst.fixed == "avg5" and not dst.alpha.requires_grad
+    state["_extra_state"] = {"fixed": None}
+    dst.load_state_dict(state)
+    assert dst.fixed is None and dst.alpha.requires_grad
+
+
+@pytest.mark.parametrize("extra, match", [
+    (42, "expected \\{'fixed'"),
+    (None, "expected \\{'fixed'"),
+    ("avg3", "expected \\{'fixed'"),
+    ({"fixed": "avg3", "other": 1}, "expected \\{'fixed'"),
+    ({"fixed": "conv9"}, "fixed to 'conv9', not among"),
+    ({"fixed": 3}, "fixed to 3, not among"),
+    ({"fixed": None, "candidates": "skip"}, "saved from a layer with candidates 'skip'"),
+    ({"fixed": None, "candidates": list(PAPER_CANDIDATES[:-1])}, "saved from a layer with candidates"),
+], ids=["int", "none", "str", "extra-key", "unknown-op", "int-op", "str-candidates", "fewer-candidates"])
+def test_bad_extra_state_is_refused(extra, match):
+    state = MetaPooling(3).state_dict()
+    state["_extra_state"] = extra
+    layer = MetaPooling(3)
+    layer.fix("max3")
+    with pytest.raises(ValueError, match=match):
+        layer.load_state_dict(state)
+    assert layer.fixed == "max3"  # a refused state leaves the choice as it was
+
+
+def test_fix_twice():
+    layer = MetaPooling(3)
+    layer.fix("avg3")
+    layer.fix("avg3")  # the same op again: nothing changes
+    assert layer.fixed == "avg3"
+    with pytest.raises(ValueError, match="already fixed to 'avg3'; it cannot be fixed again to 'max3'"):
+        layer.fix("max3")
+    assert layer.fixed == "avg3" and not layer.alpha.requires_grad

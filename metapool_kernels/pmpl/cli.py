@@ -3,21 +3,28 @@
 Defaults are the paper's §3.1 settings. Under ``torchrun --nproc_per_node=N`` every command runs on
 N processes with DistributedDataParallel (nccl on CUDA, gloo on CPU); ``--batch-size`` stays the
 global batch.
+
+Every expected failure (a bad flag, a missing or corrupt file, an occupied --out folder, a diverging
+run) ends with one line ``error: ...`` and exit status 2; a traceback means a bug.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import List, NoReturn, Optional
 
 from ..reference import PAPER_CANDIDATES
+from .checks import (BELOW_ONE, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_UNIT, POSITIVE, POSITIVE_INT, SEED,
+                     UP_TO_ONE)
+from .runtime import one_line
 from .search import SearchConfig
 from .train import TrainConfig
 
 EXAMPLES = """examples:
   python -m metapool_kernels.pmpl search --width 0.5 --epochs 30 --out runs/search
   python -m metapool_kernels.pmpl search --subset 6000 --epochs 2 --rho 0.1 --alpha-lr 0.01   # quick look
-  python -m metapool_kernels.pmpl search --resume runs/search/checkpoint.pt
+  python -m metapool_kernels.pmpl search --resume runs/search/checkpoint.pt   # continues in runs/search
   python -m metapool_kernels.pmpl retrain --genotype runs/search/genotype.json --width 0.5 --epochs 200
   python -m metapool_kernels.pmpl retrain --enhancer none --width 0.5 --epochs 200 --out runs/none
   python -m metapool_kernels.pmpl eval runs/retrain/checkpoint.pt
@@ -25,11 +32,15 @@ EXAMPLES = """examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one ``error: ...`` line (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+_positive_int = POSITIVE_INT.arg(int)
+_nonneg_int = NON_NEGATIVE_INT.arg(int)
 
 
 def _candidates(text: str):
@@ -49,11 +60,11 @@ def _add_data(p: argparse.ArgumentParser, defaults, meta: bool) -> None:
                    help="use N training images (drawn with --seed) for a quick run")
     g.add_argument("--test-subset", type=_positive_int, default=None, metavar="N", help="evaluate on N test images")
     if meta:
-        g.add_argument("--meta-fraction", type=float, default=defaults.meta_fraction, metavar="F",
+        g.add_argument("--meta-fraction", type=OPEN_UNIT.arg(), default=defaults.meta_fraction, metavar="F",
                        help="share of the training images held out as the meta set D_mt (default %(default)s)")
     g.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help="global batch, split across processes (default %(default)s)")
-    g.add_argument("--workers", type=int, default=defaults.workers,
+    g.add_argument("--workers", type=_nonneg_int, default=defaults.workers,
                    help="loader processes per rank for --data-dir (Fashion-MNIST is augmented in memory) "
                         "(default %(default)s)")
     g.add_argument("--image-size", type=_positive_int, default=None,
@@ -62,7 +73,8 @@ def _add_data(p: argparse.ArgumentParser, defaults, meta: bool) -> None:
 
 def _add_model(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--width", type=float, default=defaults.width, help="MobileNetV2 width multiplier (default %(default)s)")
+    g.add_argument("--width", type=POSITIVE.arg(), default=defaults.width,
+                   help="MobileNetV2 width multiplier (default %(default)s)")
     g.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
                    help="stride 1 in the stem and first 24-channel block (default: on for images <= 64 px)")
     g.add_argument("--candidates", type=_candidates, default=",".join(defaults.candidates), metavar="OPS",
@@ -72,26 +84,32 @@ def _add_model(p: argparse.ArgumentParser, defaults) -> None:
 def _add_sgd(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("weights θ (SGD, cosine schedule)")
     g.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="(default %(default)s)")
-    g.add_argument("--lr", type=float, default=defaults.lr, help="ζ, the initial SGD learning rate (default %(default)s)")
-    g.add_argument("--momentum", type=float, default=defaults.momentum, help="(default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
+    g.add_argument("--lr", type=POSITIVE.arg(), default=defaults.lr,
+                   help="ζ, the initial SGD learning rate (default %(default)s)")
+    g.add_argument("--momentum", type=BELOW_ONE.arg(), default=defaults.momentum, help="(default %(default)s)")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE.arg(), default=defaults.weight_decay,
+                   help="(default %(default)s)")
 
 
 def _add_run(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--device", default=defaults.device, help="auto (cuda if available), cpu, cuda or cuda:N")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="(default %(default)s)")
-    g.add_argument("--out", dest="out_dir", default=defaults.out_dir,
-                   help="output folder: checkpoint.pt, log.jsonl, ... (default %(default)s)")
+    g.add_argument("--device", type=DEVICE.arg(str), default=defaults.device,
+                   help="auto (cuda if available), cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=SEED.arg(int), default=defaults.seed, help="(default %(default)s)")
+    g.add_argument("--out", dest="out_dir", default=None, metavar="DIR",
+                   help=f"output folder: checkpoint.pt, log.jsonl, ...; must be empty or new (default "
+                        f"{defaults.out_dir}, or CKPT's folder with --resume)")
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue the run saved in CKPT (its settings are used; --device/--workers/--out may change)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run files (checkpoint, log, genotype, plots) of a non-empty --out folder")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last tensors (default: on for CPU, off for CUDA)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m metapool_kernels.pmpl",
         description="Progressive Meta-Pooling Learning (PMPL): search the enhancer of every MobileNetV2 block, "
                     "retrain the derived network from scratch, evaluate it.",
@@ -108,18 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(ps, sd)
     _add_sgd(ps, sd)
     g = ps.add_argument_group("meta-parameters α (Adam) and early stopping")
-    g.add_argument("--alpha-lr", type=float, default=sd.alpha_lr, help="η (default %(default)s)")
-    g.add_argument("--alpha-weight-decay", type=float, default=sd.alpha_weight_decay, help="(default %(default)s)")
-    g.add_argument("--alpha-betas", type=float, nargs=2, default=sd.alpha_betas, metavar=("B1", "B2"),
+    g.add_argument("--alpha-lr", type=POSITIVE.arg(), default=sd.alpha_lr, help="η (default %(default)s)")
+    g.add_argument("--alpha-weight-decay", type=NON_NEGATIVE.arg(), default=sd.alpha_weight_decay,
+                   help="(default %(default)s)")
+    g.add_argument("--alpha-betas", type=BELOW_ONE.arg(), nargs=2, default=sd.alpha_betas, metavar=("B1", "B2"),
                    help="Adam betas (default %(default)s, as DARTS)")
-    g.add_argument("--rho", type=float, default=sd.rho,
+    g.add_argument("--rho", type=UP_TO_ONE.arg(), default=sd.rho,
                    help="ρ: fix a layer once min_{m≠k}(π_k − π_m) ≥ ρ (Eq. 4) (default %(default)s)")
     g.add_argument("--fix-every", choices=("step", "epoch"), default=sd.fix_every,
                    help="check Eq. 4 after every α update (Algorithm 1) or once per epoch (default %(default)s)")
     g.add_argument("--fresh-train-grad", action="store_true",
                    help="recompute ∇θ L_tr after the α update for the real step instead of reusing the "
                         "virtual step's gradient (one more forward/backward per step)")
-    g.add_argument("--grad-clip", type=float, default=None, metavar="NORM", help="clip θ's gradient norm")
+    g.add_argument("--grad-clip", type=POSITIVE.arg(), default=None, metavar="NORM", help="clip θ's gradient norm")
     _add_run(ps, sd)
 
     td = TrainConfig()
@@ -135,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(pr, td, meta=False)
     _add_model(pr, td)
     _add_sgd(pr, td)
-    pr.add_argument("--label-smoothing", type=float, default=td.label_smoothing, help="(default %(default)s)")
-    pr.add_argument("--eval-every", type=int, default=td.eval_every,
+    pr.add_argument("--label-smoothing", type=BELOW_ONE.arg(), default=td.label_smoothing,
+                    help="(default %(default)s)")
+    pr.add_argument("--eval-every", type=_nonneg_int, default=td.eval_every,
                     help="evaluate every N epochs, 0: only at the end (default %(default)s)")
     _add_run(pr, td)
 
@@ -147,15 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--data-dir", default=None, help="override the data set the checkpoint was trained on")
     pe.add_argument("--test-subset", type=_positive_int, default=None, metavar="N")
     pe.add_argument("--batch-size", type=_positive_int, default=256)
-    pe.add_argument("--workers", type=int, default=4)
-    pe.add_argument("--device", default="auto")
+    pe.add_argument("--workers", type=_nonneg_int, default=4)
+    pe.add_argument("--device", type=DEVICE.arg(str), default="auto")
     pe.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
 
 def _config(cls, ns: argparse.Namespace):
-    fields = cls.__dataclass_fields__
-    return cls(**{k: v for k, v in vars(ns).items() if k in fields})
+    values = {k: v for k, v in vars(ns).items() if k in cls.__dataclass_fields__}
+    if values["out_dir"] is None:  # a resumed run continues in its own folder
+        values["out_dir"] = str(Path(ns.resume).parent) if ns.resume else cls.out_dir
+    return cls(**values)
 
 
 def _is_main() -> bool:
@@ -178,9 +200,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .train import run_eval
             run_eval(args.checkpoint, data_dir=args.data_dir, test_subset=args.test_subset,
                      batch_size=args.batch_size, workers=args.workers, device=args.device, progress=args.progress)
-    except (FileNotFoundError, ValueError) as e:
-        # Missing data, a bad genotype or checkpoint: the message says what to do; no traceback.
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError, FloatingPointError) as e:
+        # Missing or corrupt files, bad settings, an occupied --out, a diverging run: the message
+        # names the file or flag and what to do; no traceback.
+        print(f"error: {one_line(e, limit=2000)}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
@@ -23,20 +24,27 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 MISSING_HINT = ("install Debian's package with `apt-get install -y dataset-fashion-mnist`, "
                 "or point METAPOOL_FASHION_MNIST at a folder holding the four .gz files")
+REINSTALL_HINT = "reinstall it (`apt-get install --reinstall dataset-fashion-mnist`) or replace the file"
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
+    """Read an IDX file (the MNIST format), gzipped or not; ValueError naming the file if it is
+    truncated or corrupt."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({e or type(e).__name__}); {REINSTALL_HINT}") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        raise ValueError(f"{path} is not an unsigned-byte IDX file; {REINSTALL_HINT}")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: the IDX header is cut short; {REINSTALL_HINT}")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes")
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes; {REINSTALL_HINT}")
     return body.reshape(dims)
 
 
@@ -51,8 +59,13 @@ def load_fashion_mnist(split: str = "train", root: Path | str | None = None) -> 
         raise FileNotFoundError(f"Fashion-MNIST not found: {', '.join(str(root / n) for n in missing)} missing; {MISSING_HINT}")
     images = torch.from_numpy(read_idx(root / images_name).copy())
     labels = torch.from_numpy(read_idx(root / labels_name).astype(np.int64))
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if images.dim() != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{root / images_name} holds images of shape {tuple(images.shape[1:])}, not 28x28")
+    if labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{root}: {images.shape[0]} images in {images_name} but labels of shape "
+                         f"{tuple(labels.shape)} in {labels_name}")
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{root / labels_name} holds labels outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
     return images, labels
 
 
@@ -242,6 +255,29 @@ def folder_transforms(image_size: int, train: bool, mean, std):
     return T.Compose(aug + [T.ToTensor(), T.Normalize(mean, std)])
 
 
+class UnreadableImage(ValueError):
+    """An image file PIL cannot read.
+
+    It is raised in a loader worker, and DataLoader raises it again in the main process with the
+    worker's traceback as its message; only the last line, the message itself, is kept.
+    """
+
+    def __init__(self, message: str):
+        last = message.rstrip().splitlines()[-1] if message.strip() else message
+        super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
+
+
+def load_image(path: str):
+    """ImageFolder's loader, with an unreadable file named in a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL raises SyntaxError for some broken files
+        raise UnreadableImage(f"{path} is not a readable image ({e})") from e
+
+
 def _find_split_dir(root: Path, names: Sequence[str]) -> Path:
     for name in names:
         if (root / name).is_dir():
@@ -306,14 +342,16 @@ def build_data(*, data_dir: Optional[str] = None, batch_size: int = 128, meta_fr
         from torchvision.datasets import ImageFolder
 
         root = Path(data_dir)
-        if not root.is_dir():
+        if not root.exists():
             raise FileNotFoundError(f"--data-dir {root} does not exist")
+        if not root.is_dir():
+            raise NotADirectoryError(f"--data-dir {root} is a file, not an ImageFolder tree")
         size = image_size or 224
-        test_set = ImageFolder(_find_split_dir(root, ("val", "test")),
+        test_set = ImageFolder(_find_split_dir(root, ("val", "test")), loader=load_image,
                                transform=folder_transforms(size, False, IMAGENET_MEAN, IMAGENET_STD))
         train_set = None
         if train:
-            train_set = ImageFolder(_find_split_dir(root, ("train",)),
+            train_set = ImageFolder(_find_split_dir(root, ("train",)), loader=load_image,
                                     transform=folder_transforms(size, augment, IMAGENET_MEAN, IMAGENET_STD))
             if train_set.classes != test_set.classes:
                 raise ValueError(f"{root}: the train and test folders hold different classes")

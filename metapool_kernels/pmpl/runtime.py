@@ -1,12 +1,15 @@
-"""What search and retraining share: device and process group, seeding and RNG state, checkpoints,
-JSON-lines logs, building a model from its stored description, and top-1/top-5 evaluation."""
+"""What search and retraining share: device and process group, seeding and RNG state, run folders,
+checkpoints, JSON-lines logs, building a model from its stored description, and top-1/top-5
+evaluation."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
@@ -15,7 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..reference import PAPER_CANDIDATES
+from ..reference import PAPER_CANDIDATES, check_candidates
+from .checks import (BELOW_ONE, DEVICE, FLAG, NON_NEGATIVE, NON_NEGATIVE_INT, PATH, POSITIVE, POSITIVE_INT, SEED,
+                     Rule, check_fields)
 from .data import DataBundle, build_data
 
 
@@ -39,12 +44,15 @@ class DistEnv:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    DEVICE.check("device", device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+            raise ValueError(f"device {device!r}: torch sees no CUDA device here; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -94,15 +102,25 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and plain values, so that checkpoints load with
+    ``weights_only=True``."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": random.getstate()}  # (version, tuple of ints, float or None)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    npy = state["numpy"]
+    key = npy["key"]
+    if not isinstance(key, torch.Tensor):
+        raise TypeError(f"numpy's key must be a tensor, got {type(key).__name__}")
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state((npy["name"], key.numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -120,6 +138,8 @@ def gather_rng_states(env: DistEnv) -> List[Dict[str, Any]]:
 
 def restore_rng_states(states: List[Dict[str, Any]], env: DistEnv) -> bool:
     """Restore this rank's RNG state; False when the checkpoint came from another world size."""
+    if not states:
+        raise ValueError("the checkpoint holds no RNG state")
     if len(states) != env.world_size:
         return False
     set_rng_state(states[env.rank])
@@ -127,8 +147,61 @@ def restore_rng_states(states: List[Dict[str, Any]], env: DistEnv) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and logs.
+# Run folders, checkpoints and logs.
 # ---------------------------------------------------------------------------------------------
+# The files a run writes into its folder.
+RUN_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "log.jsonl", "genotype.json", "alpha_history.json",
+             "alpha_history.png")
+
+
+class RunFolder:
+    """The folder a run writes into (``--out``). A run never writes over another run's files.
+
+    The folder must be empty or absent, unless the run continues the checkpoint it holds (resume
+    from a checkpoint in it) or ``overwrite`` is given; then the run files (``RUN_FILES``) found
+    there are removed, other files left alone, and never a file the run reads (``inputs``, such as
+    its genotype). Checks happen at construction; nothing is created or removed until the run
+    writes its first file (:meth:`file`), so a run that fails to start leaves no folder behind and
+    an overwritten run intact.
+    """
+
+    def __init__(self, path: Path | str, *, resume: Optional[str] = None, overwrite: bool = False,
+                 inputs: Sequence[Optional[str]] = ()):
+        self.path = Path(path)
+        self.claimed = False
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"output folder {self.path} (--out) is a file, not a folder")
+        entries = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        continuing = resume is not None and Path(resume).resolve().parent == self.path.resolve()
+        self.replaced: List[str] = []
+        if entries and not continuing:
+            if not overwrite:
+                shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+                raise FileExistsError(
+                    f"output folder {self.path} (--out) already holds {len(entries)} file(s) ({shown}); a run never "
+                    f"writes over another: choose a new --out, continue the run saved there with --resume "
+                    f"{self.path / 'checkpoint.pt'}, or pass --overwrite to replace its run files")
+            self.replaced = [n for n in RUN_FILES if n in entries]
+            read = {Path(p).resolve() for p in inputs if p}
+            clash = [n for n in self.replaced if (self.path / n).resolve() in read]
+            if clash:
+                raise ValueError(f"--overwrite would delete {self.path / clash[0]}, which this run reads; "
+                                 f"choose another --out")
+
+    def file(self, name: str) -> Path:
+        """Where to write ``name``; the first call removes the replaced run's files and creates the folder."""
+        if not self.claimed:
+            for old in self.replaced:
+                (self.path / old).unlink(missing_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.claimed = True
+        return self.path / name
+
+    def __truediv__(self, name: str) -> Path:
+        """Where ``name`` is (or would be), without writing anything."""
+        return self.path / name
+
+
 def save_checkpoint(state: Dict[str, Any], path: Path | str) -> None:
     """Write atomically, so an interrupted save never leaves a truncated checkpoint behind."""
     path = Path(path)
@@ -140,7 +213,11 @@ def save_checkpoint(state: Dict[str, Any], path: Path | str) -> None:
 
 @dataclass
 class RunConfig:
-    """What a search and a retraining share: data, model, θ's SGD (paper §3.1) and the run itself."""
+    """What a search and a retraining share: data, model, θ's SGD (paper §3.1) and the run itself.
+
+    Every field is checked on construction (``RULES``), so a bad value, from the Python API or from
+    the config a checkpoint stores, stops the run before it starts.
+    """
     # data
     data_dir: Optional[str] = None
     subset: Optional[int] = None
@@ -164,15 +241,23 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs"
     resume: Optional[str] = None
+    # Replace the run files of a non-empty out_dir instead of refusing it (see RunFolder).
+    overwrite: bool = False
     progress: bool = True
 
     # Fields a resumed run takes from the caller; everything else comes from the checkpoint.
-    RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = ("device", "workers", "resume", "progress", "out_dir")
+    RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = ("device", "workers", "resume", "progress", "out_dir", "overwrite")
+    RULES: ClassVar[Dict[str, Rule]] = {
+        "data_dir": PATH.optional(), "subset": POSITIVE_INT.optional(), "test_subset": POSITIVE_INT.optional(),
+        "batch_size": POSITIVE_INT, "workers": NON_NEGATIVE_INT, "image_size": POSITIVE_INT.optional(),
+        "width": POSITIVE, "small_input": FLAG.optional(), "epochs": POSITIVE_INT, "lr": POSITIVE,
+        "momentum": BELOW_ONE, "weight_decay": NON_NEGATIVE, "device": DEVICE, "channels_last": FLAG.optional(),
+        "seed": SEED, "out_dir": PATH, "resume": PATH.optional(), "overwrite": FLAG, "progress": FLAG,
+    }
 
     def __post_init__(self):
-        self.candidates = tuple(self.candidates)
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        self.candidates = check_candidates(self.candidates)
+        check_fields(self, self.RULES)
 
 
 def resume_config(cfg: RunConfig, kind: str):
@@ -183,22 +268,37 @@ def resume_config(cfg: RunConfig, kind: str):
         return cfg, None
     ckpt = load_checkpoint(cfg.resume, kind=kind)
     saved = dict(ckpt["config"])
+    names = {f.name for f in fields(cfg)}
+    unknown = sorted(set(saved) - names)
+    missing = sorted(names - set(saved) - set(cfg.RUNTIME_FIELDS))
+    if unknown or missing:
+        raise ValueError(f"{cfg.resume}: its config " + (f"has unknown fields {unknown}" if unknown else
+                                                         f"lacks the fields {missing}"))
     saved.update({k: getattr(cfg, k) for k in cfg.RUNTIME_FIELDS})
-    return type(cfg)(**saved), ckpt
+    try:
+        return type(cfg)(**saved), ckpt
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg.resume}: its config is not valid: {e}") from e
 
 
 def start_run(cfg: RunConfig, kind: str, log):
-    """The start every run shares: resume, processes, logging (main process only), seeds.
+    """The start every run shares: resume, the run folder, processes, logging (main process only),
+    seeds. Nothing is written here.
 
-    Returns (cfg, checkpoint or None, DistEnv, log, out_dir, JsonlLogger).
+    Returns (cfg, checkpoint or None, DistEnv, log, RunFolder, JsonlLogger).
     """
     cfg, ckpt = resume_config(cfg, kind)
+    # Every process checks the folder before any of them can write into it (init_process_group
+    # waits for all; the barrier does the same where the group already exists).
+    folder = RunFolder(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                       inputs=[getattr(cfg, "genotype", None)])
     env = setup_distributed(cfg.device)
+    if env.distributed:
+        dist.barrier()
     log = log if env.is_main else (lambda *a, **k: None)
-    out_dir = Path(cfg.out_dir)
-    logger = JsonlLogger(out_dir / "log.jsonl", enabled=env.is_main)
+    logger = JsonlLogger(folder, enabled=env.is_main)
     seed_everything(cfg.seed)
-    return cfg, ckpt, env, log, out_dir, logger
+    return cfg, ckpt, env, log, folder, logger
 
 
 def run_data(cfg: RunConfig, env: "DistEnv", meta_fraction: Optional[float]) -> DataBundle:
@@ -220,34 +320,125 @@ def run_model_config(cfg: RunConfig, enhancer, data: DataBundle) -> Dict[str, An
                         candidates=cfg.candidates, seed=cfg.seed)
 
 
+CHECKPOINT_VERSION = 1
+# What each kind of checkpoint holds beyond "kind" and "version", and the type of each entry.
+CHECKPOINT_ENTRIES: Dict[str, Dict[str, type]] = {
+    "search": {"config": dict, "model": dict, "w_opt": dict, "a_opt": dict, "sched": dict, "state": dict,
+               "fixed": list, "rng": list, "world_size": int, "data": dict},
+    "train": {"config": dict, "model": dict, "opt": dict, "sched": dict, "epoch": int, "history": list,
+              "rng": list, "world_size": int, "data": dict, "name": (str, type(None))},
+}
+
+
+def one_line(e: BaseException, limit: int = 600) -> str:
+    """An exception's message on one line (at most ``limit`` characters), or its type's name."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load_checkpoint(path: Path | str, kind: Optional[str] = None) -> Dict[str, Any]:
+    """A checkpoint written by search or retrain, loaded with ``weights_only=True``: tensors and
+    plain values only, so a crafted file cannot run code. Anything but a well-formed checkpoint (of
+    ``kind``, when given) is a ValueError naming the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} is not a file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which file, not just pickle's complaint
-        raise ValueError(f"{path} is not a readable checkpoint: {e}") from e
-    if not isinstance(state, dict) or "kind" not in state:
-        raise ValueError(f"{path} is not a metapool_kernels.pmpl checkpoint")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:", 1)[-1].strip().split("\n\n")[0].split(". ")[0]
+        raise ValueError(f"{path} is refused: it holds more than tensors and plain values ({one_line(reason, 200)}), "
+                         f"and unpickling it could run code; checkpoints of this package never do") from e
+    except Exception as e:  # truncated, or not a torch file at all
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or another format): {one_line(e)}") from e
+    if not isinstance(state, dict) or not isinstance(state.get("kind"), str) or state["kind"] not in CHECKPOINT_ENTRIES:
+        found = repr(state.get("kind")) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a metapool_kernels.pmpl checkpoint (kind {found}; expected one of "
+                         f"{list(CHECKPOINT_ENTRIES)})")
     if kind is not None and state["kind"] != kind:
         raise ValueError(f"{path} is a {state['kind']!r} checkpoint, expected a {kind!r} one")
+    if type(state.get("version")) is not int or state["version"] != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has checkpoint version {state.get('version')!r}; this package reads version "
+                         f"{CHECKPOINT_VERSION}")
+    entries = dict(CHECKPOINT_ENTRIES[state["kind"]], model_config=(dict, type(None)))
+    for name, types in entries.items():
+        if name not in state:
+            raise ValueError(f"{path}: the {state['kind']!r} checkpoint has no {name!r} entry")
+        if not isinstance(state[name], types) or isinstance(state[name], bool):
+            raise ValueError(f"{path}: entry {name!r} is a {type(state[name]).__name__}, not what a checkpoint holds")
     return state
 
 
-class JsonlLogger:
-    """One JSON object per line (epochs, fix events, results); only the main process writes."""
+@contextlib.contextmanager
+def restoring(path: Path | str, what: str):
+    """Turn an error while restoring ``what`` from a checkpoint's contents into one naming the file."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"{path}: cannot restore {what} from it: {one_line(e)}") from e
 
-    def __init__(self, path: Optional[Path | str], enabled: bool = True):
-        self.path = Path(path) if path is not None and enabled else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+def _check_types_like(saved: Any, fresh: Any, where: str) -> None:
+    """``saved`` holds values of ``fresh``'s types wherever both have an entry (entries only one of
+    them has are left to the loader: they differ between torch versions)."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where} is a {type(saved).__name__}, expected a dict")
+        for k in set(saved) & set(fresh):
+            _check_types_like(saved[k], fresh[k], f"{where}[{k!r}]")
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
+            raise ValueError(f"{where} should be a list of {len(fresh)}, got {saved!r:.80}")
+        for i, (a, b) in enumerate(zip(saved, fresh)):
+            _check_types_like(a, b, f"{where}[{i}]")
+    elif isinstance(fresh, bool) or fresh is None or isinstance(fresh, (str, torch.Tensor)):
+        if type(saved) is not type(fresh) and not (isinstance(fresh, torch.Tensor) and isinstance(saved, torch.Tensor)):
+            raise ValueError(f"{where} should be a {type(fresh).__name__}, got {saved!r:.80}")
+    elif isinstance(fresh, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+            raise ValueError(f"{where} should be a number, got {saved!r:.80}")
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, saved: Dict[str, Any], name: str) -> None:
+    """``opt.load_state_dict(saved)``, refusing hyper-parameters of the wrong type and per-parameter
+    buffers (momentum, Adam moments) of the wrong shape, which would fail only steps later."""
+    fresh = opt.state_dict()
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
+        raise ValueError(f"{name}: expected {len(fresh['param_groups'])} parameter group(s)")
+    for i, (g, f) in enumerate(zip(groups, fresh["param_groups"])):
+        _check_types_like({k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else g,
+                          {k: v for k, v in f.items() if k != "params"}, f"{name}.param_groups[{i}]")
+    opt.load_state_dict(saved)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if k != "step" and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
+                    raise ValueError(f"{name}: its {k!r} does not match a parameter of shape {tuple(p.shape)}")
+
+
+def restore_scheduler(sched, saved: Dict[str, Any], name: str) -> None:
+    missing = [k for k in ("last_epoch", "base_lrs") if k not in saved]
+    if missing:
+        raise ValueError(f"{name} has no {missing}")
+    _check_types_like(saved, sched.state_dict(), name)
+    sched.load_state_dict(saved)
+
+
+class JsonlLogger:
+    """One JSON object per line (epochs, fix events, results) in the run folder's log.jsonl; only the
+    main process writes."""
+
+    def __init__(self, folder: Optional[RunFolder], enabled: bool = True):
+        self.folder = folder if enabled else None
 
     def log(self, event: str, **fields: Any) -> None:
-        if self.path is None:
+        if self.folder is None:
             return
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        with open(self.path, "a") as f:
+        with open(self.folder.file("log.jsonl"), "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
 
 
@@ -270,6 +461,16 @@ def build_model(model_config: Dict[str, Any]) -> nn.Module:
 
     cfg = dict(model_config)
     return mobilenet_v2(enhancer=cfg.pop("enhancer"), **cfg)
+
+
+def model_from_checkpoint(ckpt: Dict[str, Any], path: Path | str) -> nn.Module:
+    """The network a checkpoint describes (``model_config``), with its saved weights."""
+    if not ckpt.get("model_config"):
+        raise ValueError(f"{path} was written for a custom model; evaluate it with runtime.evaluate")
+    with restoring(path, "the network"):
+        model = build_model(ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    return model
 
 
 def model_config(enhancer, *, width_mult: float, num_classes: int, in_chans: int, small_input: bool,

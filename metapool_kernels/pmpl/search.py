@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ from torch import nn
 from ..models import alpha_parameters, derive, meta_layers, weight_parameters
 from ..reference import MetaPooling
 from . import runtime
+from .checks import BELOW_ONE, FLAG, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_UNIT, POSITIVE, POSITIVE_INT, UP_TO_ONE, Rule
 from .data import DataBundle
 from .report import genotype_table, plot_alpha_history
 
@@ -55,13 +56,21 @@ class SearchConfig(runtime.RunConfig):
     out_dir: str = "runs/search"
     history_points: int = 50
 
+    RULES: ClassVar[Dict[str, Rule]] = {
+        **runtime.RunConfig.RULES, "meta_fraction": OPEN_UNIT, "alpha_lr": POSITIVE,
+        "alpha_weight_decay": NON_NEGATIVE, "rho": UP_TO_ONE, "fresh_train_grad": FLAG,
+        "grad_clip": POSITIVE.optional(), "history_points": POSITIVE_INT,
+    }
+
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.alpha_betas, (list, tuple)) or len(self.alpha_betas) != 2:
+            raise ValueError(f"alpha_betas must be two numbers (β1, β2), got {self.alpha_betas!r}")
         self.alpha_betas = tuple(self.alpha_betas)
+        for beta in self.alpha_betas:
+            BELOW_ONE.check("alpha_betas", beta)
         if self.fix_every not in ("step", "epoch"):
             raise ValueError(f"fix_every must be 'step' or 'epoch', got {self.fix_every!r}")
-        if not 0.0 < self.rho <= 1.0:
-            raise ValueError(f"rho must lie in (0, 1], got {self.rho}")
 
 
 @dataclass
@@ -71,6 +80,14 @@ class SearchState:
     done: bool = False
     history: List[Dict[str, Any]] = field(default_factory=list)
     events: List[Dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self):  # a restored state is checked here, before the loop relies on it
+        for name in ("epoch", "step"):
+            NON_NEGATIVE_INT.check(name, getattr(self, name))
+        FLAG.check("done", self.done)
+        for name in ("history", "events"):
+            if not isinstance(getattr(self, name), list) or not all(isinstance(h, dict) for h in getattr(self, name)):
+                raise ValueError(f"{name} must be a list of dicts")
 
 
 @dataclass
@@ -144,6 +161,18 @@ def layer_probs(layers: Sequence[MetaPooling]) -> List[List[float]]:
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == y).float().mean().item()
+
+
+def check_finite(stats: Dict[str, float], layers: Sequence[MetaPooling], step: int) -> None:
+    """Stop the search at the first non-finite loss or α: nothing after it would mean anything."""
+    searching = any(m.fixed is None for m in layers)  # else L_mt was not computed (NaN by design)
+    bad = [f"{k} = {v}" for k, v in stats.items()
+           if k.startswith("loss") and not math.isfinite(v) and (searching or k != "loss_mt")]
+    if not bool(torch.isfinite(torch.cat([m.alpha.detach().reshape(-1) for m in layers])).all()):
+        bad.append(f"alpha of layer(s) {[i for i, m in enumerate(layers) if not torch.isfinite(m.alpha).all()]}")
+    if bad:
+        raise FloatingPointError(f"search step {step}: {', '.join(bad)} not finite; lower the learning rates "
+                                 f"(--lr, --alpha-lr) or set --grad-clip")
 
 
 def bilevel_step(net: nn.Module, model: nn.Module, layers: Sequence[MetaPooling], weights: Sequence[nn.Parameter],
@@ -295,7 +324,7 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
     interruption would; ``cfg.resume`` continues from a checkpoint.
     """
     t_start = time.perf_counter()
-    cfg, ckpt, env, log, out_dir, logger = runtime.start_run(cfg, "search", log)
+    cfg, ckpt, env, log, folder, logger = runtime.start_run(cfg, "search", log)
     if data is None:
         data = runtime.run_data(cfg, env, cfg.meta_fraction)
     if data.meta is None:
@@ -319,15 +348,16 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
     state = SearchState()
 
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        w_opt.load_state_dict(ckpt["w_opt"])
-        a_opt.load_state_dict(ckpt["a_opt"])
-        sched.load_state_dict(ckpt["sched"])
-        state = SearchState(**ckpt["state"])
-        if [m.fixed for m in layers] != ckpt["fixed"]:
-            raise RuntimeError(f"{cfg.resume}: the restored fixed set disagrees with the checkpoint's record")
-        if not runtime.restore_rng_states(ckpt["rng"], env):
-            runtime.seed_everything(cfg.seed + 7919 * state.epoch + env.rank)
+        with runtime.restoring(cfg.resume, "the search"):
+            model.load_state_dict(ckpt["model"])
+            runtime.restore_optimizer(w_opt, ckpt["w_opt"], "w_opt")
+            runtime.restore_optimizer(a_opt, ckpt["a_opt"], "a_opt")
+            runtime.restore_scheduler(sched, ckpt["sched"], "sched")
+            state = SearchState(**ckpt["state"])
+            if [m.fixed for m in layers] != ckpt["fixed"]:
+                raise ValueError("the restored fixed set disagrees with the checkpoint's record")
+            if not runtime.restore_rng_states(ckpt["rng"], env):
+                runtime.seed_everything(cfg.seed + 7919 * state.epoch + env.rank)
         log(f"resumed from {cfg.resume}: epoch {state.epoch}, step {state.step}, "
             f"{sum(m.fixed is not None for m in layers)}/{len(layers)} layers fixed")
     else:
@@ -390,6 +420,7 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
                                  fresh_train_grad=cfg.fresh_train_grad, grad_clip=cfg.grad_clip)
             sched.step()
             state.step += 1
+            check_finite(stats, layers, state.step)
             for k, v in stats.items():
                 if not math.isnan(v):
                     sums[k] += v
@@ -432,29 +463,28 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
             "data": {"train": data.train.state_dict(), "meta": data.meta.state_dict()},
         }
         if env.is_main:
-            runtime.save_checkpoint(ckpt_state, out_dir / "checkpoint.pt")
+            runtime.save_checkpoint(ckpt_state, folder.file("checkpoint.pt"))
 
-    result = _finish(cfg, model, layers, state, steps_per_epoch, data, env, logger, log, t_start, model_cfg)
+    result = _finish(cfg, model, layers, state, steps_per_epoch, data, env, folder, logger, log, t_start, model_cfg)
     result.alpha_optimizer_state = a_opt.state_dict()
     return result
 
 
-def _finish(cfg, model, layers, state, steps_per_epoch, data, env, logger, log, t_start, model_cfg) -> SearchResult:
-    out_dir = Path(cfg.out_dir)
+def _finish(cfg, model, layers, state, steps_per_epoch, data, env, folder, logger, log, t_start,
+            model_cfg) -> SearchResult:
     probs = layer_probs(layers)
     genotype = derive(model)  # fixed op, or the argmax for layers Eq. 4 never fixed
     table = genotype_table(genotype, probs, [m.candidates for m in layers], [m.channels for m in layers],
                            state.events, steps_per_epoch)
     geno_path = plot_path = None
-    ckpt_path = out_dir / "checkpoint.pt"
+    ckpt_path = folder / "checkpoint.pt"
     if state.done and env.is_main:
         from ..models import save_genotype
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plot_path = plot_alpha_history(state.history, state.events, cfg.candidates, out_dir / "alpha_history.png",
+        plot_path = plot_alpha_history(state.history, state.events, cfg.candidates, folder.file("alpha_history.png"),
                                        steps_per_epoch)
-        geno_path = out_dir / "genotype.json"
-        with open(out_dir / "alpha_history.json", "w") as f:
+        geno_path = folder.file("genotype.json")
+        with open(folder.file("alpha_history.json"), "w") as f:
             json.dump({"candidates": list(cfg.candidates), "steps_per_epoch": steps_per_epoch,
                        "history": state.history, "fix_events": state.events}, f)
         chosen = [p[m.candidates.index(op)] for m, op, p in zip(layers, genotype, probs)]
@@ -471,6 +501,6 @@ def _finish(cfg, model, layers, state, steps_per_epoch, data, env, logger, log, 
         log(f"genotype → {geno_path}\nπ history plot → {plot_path}")
     return SearchResult(genotype=genotype, probs=probs, events=list(state.events), history=list(state.history),
                         epochs=state.epoch, steps=state.step, steps_per_epoch=steps_per_epoch, done=state.done,
-                        out_dir=out_dir, genotype_path=geno_path, plot_path=plot_path,
+                        out_dir=folder.path, genotype_path=geno_path, plot_path=plot_path,
                         checkpoint_path=ckpt_path if ckpt_path.exists() else None, table=table,
                         seconds=time.perf_counter() - t_start, model=model)

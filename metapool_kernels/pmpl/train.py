@@ -8,8 +8,9 @@ Any enhancer name (``none``, ``se``, ``strip``, ...) trains the corresponding ba
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from . import runtime
+from .checks import BELOW_ONE, NON_NEGATIVE_INT, PATH, POSITIVE_INT, TEXT, Rule
 from .data import DataBundle, build_data
 from .report import format_table
 
@@ -34,6 +36,10 @@ class TrainConfig(runtime.RunConfig):
     eval_every: int = 1
 
     RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = runtime.RunConfig.RUNTIME_FIELDS + ("eval_every",)
+    RULES: ClassVar[Dict[str, Rule]] = {
+        **runtime.RunConfig.RULES, "genotype": PATH.optional(), "enhancer": TEXT.optional(),
+        "label_smoothing": BELOW_ONE, "eval_every": NON_NEGATIVE_INT,
+    }
 
 
 @dataclass
@@ -70,19 +76,23 @@ def resolve_enhancer(cfg: TrainConfig):
 
 
 def _searched_width(genotype_path: Optional[str]) -> Optional[float]:
+    from ..models import read_genotype_file
+
     if not genotype_path:
         return None
-    with open(genotype_path) as f:
-        meta = json.load(f)
-    return ((meta.get("model_config") or {}).get("width_mult"))
+    model_config = read_genotype_file(genotype_path).get("model_config")
+    return model_config.get("width_mult") if isinstance(model_config, dict) else None
 
 
 def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Optional[DataBundle] = None,
               name: Optional[str] = None, stop_after_epochs: Optional[int] = None, log=print) -> TrainResult:
     """Train from scratch, checkpoint every epoch, evaluate top-1/top-5 on the test split."""
     t_start = time.perf_counter()
-    cfg, ckpt, env, log, out_dir, logger = runtime.start_run(cfg, "train", log)
-    enhancer = ckpt["model_config"]["enhancer"] if ckpt and ckpt.get("model_config") else None
+    cfg, ckpt, env, log, folder, logger = runtime.start_run(cfg, "train", log)
+    enhancer = None
+    if ckpt and ckpt.get("model_config"):
+        with runtime.restoring(cfg.resume, "the network"):
+            enhancer = ckpt["model_config"]["enhancer"]
     if model is None and enhancer is None:
         enhancer = resolve_enhancer(cfg)
         searched = _searched_width(cfg.genotype)
@@ -99,7 +109,9 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
     model_cfg = None
     if model is None:
         model_cfg = runtime.run_model_config(cfg, enhancer, data)
-        model = runtime.build_model(model_cfg)
+        # A resumed enhancer comes from the checkpoint: a bad one is the file's fault.
+        with runtime.restoring(cfg.resume, "the network") if ckpt else contextlib.nullcontext():
+            model = runtime.build_model(model_cfg)
     fmt = runtime.memory_format(cfg.channels_last, env.device)
     model.to(env.device, memory_format=fmt)
     info = runtime.describe_model(model, data.in_chans, data.image_size)
@@ -109,12 +121,18 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     epoch, history = 0, []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        epoch, history = ckpt["epoch"], ckpt["history"]
-        if not runtime.restore_rng_states(ckpt["rng"], env):
-            runtime.seed_everything(cfg.seed + 7919 * epoch + env.rank)
+        with runtime.restoring(cfg.resume, "the training run"):
+            model.load_state_dict(ckpt["model"])
+            runtime.restore_optimizer(opt, ckpt["opt"], "opt")
+            runtime.restore_scheduler(sched, ckpt["sched"], "sched")
+            epoch, history = ckpt["epoch"], ckpt["history"]
+            NON_NEGATIVE_INT.check("epoch", epoch)
+            if epoch > cfg.epochs:
+                raise ValueError(f"it is at epoch {epoch} of a run of {cfg.epochs}")
+            if not all(isinstance(h, dict) and isinstance(h.get("test", {}), dict) for h in history):
+                raise ValueError("history must be a list of dicts")
+            if not runtime.restore_rng_states(ckpt["rng"], env):
+                runtime.seed_everything(cfg.seed + 7919 * epoch + env.rank)
         log(f"resumed {name} from {cfg.resume} at epoch {epoch}")
     else:
         torch.manual_seed(cfg.seed + 1 + env.rank)
@@ -131,26 +149,32 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
 
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     metrics: Dict[str, float] = history[-1].get("test", {}) if history else {}
+    if not {"top1", "top5", "loss"} <= metrics.keys():  # evaluated at the end instead
+        metrics = {}
     epochs_run = 0
-    train_acc = history[-1]["acc"] if history else float("nan")
+    train_acc = history[-1].get("acc", float("nan")) if history else float("nan")
     while epoch < cfg.epochs and (stop_after_epochs is None or epochs_run < stop_after_epochs):
         data.train.set_epoch(epoch)
         t_epoch = time.perf_counter()
         loss_sum = correct = seen = 0.0
         bar = tqdm(data.train, desc=f"{name} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (cfg.progress and env.is_main))
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar, start=1):
             logits = net(x.contiguous(memory_format=fmt))
             loss = crit(logits, y)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):  # stop before the optimiser spreads it into every weight
+                raise FloatingPointError(f"{name}: epoch {epoch + 1}, step {step}: the training loss is {loss_value}; "
+                                         f"lower --lr (or check the data)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             n = y.numel()
-            loss_sum += loss.item() * n
+            loss_sum += loss_value * n
             correct += (logits.detach().argmax(1) == y).sum().item()
             seen += n
-            bar.set_postfix_str(f"loss {loss.item():.3f} acc {100.0 * correct / seen:.1f}% "
+            bar.set_postfix_str(f"loss {loss_value:.3f} acc {100.0 * correct / seen:.1f}% "
                                 f"lr {sched.get_last_lr()[0]:.4f}")
         bar.close()
         runtime.broadcast_buffers(model, env)
@@ -174,12 +198,12 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
                  "epoch": epoch, "history": history, "rng": runtime.gather_rng_states(env),
                  "world_size": env.world_size, "data": {"train": data.train.state_dict()}}
         if env.is_main:
-            runtime.save_checkpoint(state, out_dir / "checkpoint.pt")
+            runtime.save_checkpoint(state, folder.file("checkpoint.pt"))
     if not metrics:
         metrics = runtime.evaluate(model, data.test, env, progress=cfg.progress, fmt=fmt)
     if epoch >= cfg.epochs:
         logger.log("done", name=name, **metrics, **info, seconds=round(time.perf_counter() - t_start, 2))
-    ckpt_path = out_dir / "checkpoint.pt"
+    ckpt_path = folder / "checkpoint.pt"
     return TrainResult(name=name, enhancer=enhancer, top1=metrics["top1"], top5=metrics["top5"],
                        loss=metrics["loss"], params=info["params"], macs=info["macs"], epochs=epoch,
                        seconds=time.perf_counter() - t_start, train_acc=train_acc,
@@ -190,19 +214,27 @@ def run_eval(checkpoint: str, *, data_dir: Optional[str] = None, test_subset: Op
              batch_size: int = 256, workers: int = 4, device: str = "auto", progress: bool = True,
              log=print) -> Dict[str, Any]:
     """Top-1/top-5 of a checkpoint (``train`` or ``search``) on the test split of its data set."""
+    from .search import SearchConfig
+
+    POSITIVE_INT.check("batch_size", batch_size)
+    NON_NEGATIVE_INT.check("workers", workers)
+    POSITIVE_INT.optional().check("test_subset", test_subset)
     ckpt = runtime.load_checkpoint(checkpoint)
-    if not ckpt.get("model_config"):
-        raise ValueError(f"{checkpoint} was written for a custom model; evaluate it with runtime.evaluate")
-    cfg = ckpt["config"]
+    with runtime.restoring(checkpoint, "the run's config"):
+        cfg = (SearchConfig if ckpt["kind"] == "search" else TrainConfig)(**ckpt["config"])
+    model = runtime.model_from_checkpoint(ckpt, checkpoint)
     env = runtime.setup_distributed(device)
     log = log if env.is_main else (lambda *a, **k: None)
-    data = build_data(data_dir=data_dir if data_dir is not None else cfg.get("data_dir"), batch_size=batch_size,
+    data = build_data(data_dir=data_dir if data_dir is not None else cfg.data_dir, batch_size=batch_size,
                       meta_fraction=None, test_subset=test_subset, train=False, workers=workers,
-                      image_size=cfg.get("image_size"), seed=cfg.get("seed", 0), rank=env.rank,
-                      world_size=env.world_size, device=env.device)
+                      image_size=cfg.image_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+                      device=env.device)
+    trained = (ckpt["model_config"].get("in_chans"), ckpt["model_config"].get("num_classes"))
+    if trained != (data.in_chans, data.num_classes):
+        raise ValueError(f"{checkpoint} holds a network for {trained[0]}-channel images in {trained[1]} classes; "
+                         f"{data.name} has {data.in_chans}-channel images in {data.num_classes} classes")
     fmt = runtime.memory_format(None, env.device)
-    model = runtime.build_model(ckpt["model_config"]).to(env.device, memory_format=fmt)
-    model.load_state_dict(ckpt["model"])
+    model.to(env.device, memory_format=fmt)
     metrics = runtime.evaluate(model, data.test, env, progress=progress, fmt=fmt)
     info = runtime.describe_model(model, data.in_chans, data.image_size)
     name = ckpt.get("name") or ("PMPL search network" if ckpt["kind"] == "search" else "model")
