@@ -746,3 +746,10 @@ def mix(x: torch.Tensor, pi: Optional[torch.Tensor], names: Tuple[str, ...], gat
         gates = (None, None, None, None)
     out, _, _ = _meta_pool_op(x, pi, *gates, ",".join(names))
     return out
+
+
+# The schema defined above gets its decomposition for torch.onnx / torch.export now (the package
+# registered the ops that existed when it was imported).
+from .. import export as _export  # noqa: E402
+
+_export.register()
