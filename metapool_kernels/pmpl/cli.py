@@ -1,4 +1,4 @@
-"""``python -m metapool_kernels.pmpl search|retrain|eval``: the PMPL command line.
+"""``python -m metapool_kernels.pmpl search|retrain|eval|export``: the PMPL command line.
 
 Defaults are the paper's §3.1 settings. Under ``torchrun --nproc_per_node=N`` every command runs on
 N processes with DistributedDataParallel (nccl on CUDA, gloo on CPU); ``--batch-size`` stays the
@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from ..reference import PAPER_CANDIDATES
+from .export import DEFAULT_ATOL
 from .search import SearchConfig
 from .train import TrainConfig
 
@@ -21,6 +22,7 @@ EXAMPLES = """examples:
   python -m metapool_kernels.pmpl retrain --genotype runs/search/genotype.json --width 0.5 --epochs 200
   python -m metapool_kernels.pmpl retrain --enhancer none --width 0.5 --epochs 200 --out runs/none
   python -m metapool_kernels.pmpl eval runs/retrain/checkpoint.pt
+  python -m metapool_kernels.pmpl export --checkpoint runs/retrain/checkpoint.pt --out runs/retrain/model.onnx
   torchrun --nproc_per_node=4 -m metapool_kernels.pmpl search --data-dir /data/imagenet
 """
 
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Progressive Meta-Pooling Learning (PMPL): search the enhancer of every MobileNetV2 block, "
                     "retrain the derived network from scratch, evaluate it.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval,export}")
 
     sd = SearchConfig()
     ps = sub.add_parser("search", help="PMPL search (Algorithm 1); writes genotype.json and alpha_history.png",
@@ -150,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--workers", type=int, default=4)
     pe.add_argument("--device", default="auto")
     pe.add_argument("--no-progress", dest="progress", action="store_false")
+
+    px = sub.add_parser("export", help="the retrained network as an ONNX model, verified with ONNX Runtime",
+                        description="Export the network of a retrain checkpoint (genotype and input shape from the "
+                                    "checkpoint) to one ONNX file of standard ops with a dynamic batch dimension, "
+                                    "then run it with ONNX Runtime on real test images and compare with PyTorch.",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    px.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt written by retrain")
+    px.add_argument("--out", required=True, metavar="ONNX", help="path of the ONNX file to write")
+    px.add_argument("--images", type=_positive_int, default=1000, help="test images to verify on (default %(default)s)")
+    px.add_argument("--data-dir", default=None, help="override the data set the checkpoint was trained on")
+    px.add_argument("--atol", type=float, default=DEFAULT_ATOL, metavar="TOL",
+                    help="largest logit difference accepted between ONNX Runtime and PyTorch (default %(default)g)")
     return parser
 
 
@@ -174,6 +188,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             res = run_train(_config(TrainConfig, args))
             if _is_main():
                 print(accuracy_table([result_row(res)], title=f"Test accuracy after {res.epochs} epochs"))
+        elif args.command == "export":
+            from .export import export_checkpoint
+            export_checkpoint(args.checkpoint, args.out, images=args.images, data_dir=args.data_dir, atol=args.atol)
         else:
             from .train import run_eval
             run_eval(args.checkpoint, data_dir=args.data_dir, test_subset=args.test_subset,
