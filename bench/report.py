@@ -543,9 +543,9 @@ def deploy_section(d: Device) -> str:
         body.append([r["label"], r["batch"], r["resolution"], r.get("memory_format", ""), num(r.get("median_ms")),
                      f"{num(r.get('p20_ms'))}–{num(r.get('p80_ms'))}", num(r.get("images_per_s")),
                      times(ratio(base.get("median_ms"), r.get("median_ms"))), num(first),
-                     num(r.get("max_abs_err_vs_eager"), 2)])
+                     "" if r.get("rel_err_vs_eager") is None else f"{r['rel_err_vs_eager']:.1e}"])
     head = ["runtime", "batch", "px", "layout", "median ms", "p20–p80", "images/s", "× eager", "first s",
-            "max |Δ| vs eager"]
+            "rel. err vs eager"]
     genotypes = {" ".join(r["genotype"]) for r in rows}
     threads = sorted({str(r.get("threads")) for r in rows})
     versions = sorted({r["onnxruntime"] for r in rows if r.get("onnxruntime")})
@@ -554,7 +554,7 @@ def deploy_section(d: Device) -> str:
             "intra-op threads = torch's). The ONNX file comes from `metapool_kernels.export.to_onnx` (standard ops, "
             "dynamic batch) and is run with the CPUExecutionProvider at its default graph optimisations. "
             "`first s`: the export for ONNX Runtime, the first (compiling) call for torch.compile. "
-            "`max |Δ| vs eager`: largest logit difference from eager PyTorch on the timed input.")
+            "`rel. err vs eager`: ‖logits − eager's‖ / ‖eager's‖ on the timed input.")
     return table(head, body, "lrrlrrrrrr") + "\n\n" + note
 
 
