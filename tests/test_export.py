@@ -333,3 +333,13 @@ def test_cli_export_says_what_is_wrong(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(train), "--out", str(tmp_path / "m.onnx"), "--images", "20",
                  "--atol", "-1"]) == 2
     assert "ONNX Runtime's logits differ from PyTorch's" in capsys.readouterr().err
+
+
+def test_cli_export_help(capsys):
+    from metapool_kernels.pmpl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--checkpoint" in out and "--out" in out and "ONNX Runtime" in out
