@@ -4,8 +4,11 @@ PYTHON_SYS ?= python3
 VENV       := .venv
 PY         := $(VENV)/bin/python
 DATA_DIR   ?= /usr/share/datasets/fashion-mnist
-PY_DEPS    := "torch>=2.6" torchvision triton pytest pytest-benchmark ninja timm numpy matplotlib tqdm
-PY_IMPORTS := torch, torchvision, triton, pytest, pytest_benchmark, ninja, timm, numpy, matplotlib, tqdm
+# onnx, onnxscript, onnxruntime: the export step (setup.py's "export" extra), used by the demo and tests.
+PY_DEPS    := "torch>=2.6" torchvision triton pytest pytest-benchmark ninja timm numpy matplotlib tqdm \
+              onnx onnxscript onnxruntime
+PY_IMPORTS := torch, torchvision, triton, pytest, pytest_benchmark, ninja, timm, numpy, matplotlib, tqdm, \
+              onnx, onnxscript, onnxruntime
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # torch guesses CUDA_HOME from the `nvcc` on PATH, which may be a wrapper script; setup.py asks

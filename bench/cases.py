@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -508,3 +509,94 @@ def run_train_case(key: str, device: str, setting: TrainSetting, timing: TimingC
         row["error"] = _error_text(e)
         raise BenchError([row], [row["error"]]) from e
     return [row]
+
+
+# =============================================================================================
+# Deployment: the derived network exported to ONNX and run by ONNX Runtime, against PyTorch
+# =============================================================================================
+DEPLOY_RUNTIMES: Tuple[Tuple[str, str], ...] = (
+    ("eager", "PyTorch eager (FusedMetaPooling), channels_last"),
+    ("compile", "torch.compile of the same model, channels_last"),
+    ("onnxruntime", "ONNX Runtime (CPUExecutionProvider) on the exported ONNX file"),
+)
+
+
+@dataclass(frozen=True)
+class DeploySetting:
+    batches: Tuple[int, ...]
+    resolution: int
+
+
+def deploy_setting(scope: str) -> DeploySetting:
+    return DeploySetting((1,), 32) if scope == "smoke" else DeploySetting((1, 32), 224)
+
+
+def run_deploy_case(runtime: str, genotype: Sequence[str], setting: DeploySetting, timing: TimingConfig,
+                    work_dir, *, compile_backend: str = "inductor") -> List[Dict[str, Any]]:
+    """Inference latency of the derived MobileNetV2-1.0 (ImageNet head, float32) on the host CPU
+    under one runtime, at each batch; ONNX Runtime gets torch's thread count. Each row records
+    ‖logits − eager logits‖ / ‖eager logits‖, so a fast but wrong runtime shows."""
+    from pathlib import Path
+
+    from metapool_kernels.export import to_onnx
+    from metapool_kernels.models import count_params
+
+    label = dict(DEPLOY_RUNTIMES)[runtime]
+    variant = ModelVariant("derived-fused", "Meta-Pooling derived, fused", tuple(genotype), True, 1)
+    model = build_model(variant).eval()
+    threads = torch.get_num_threads()
+    base = {"suite": "deploy", "device": "cpu", "device_name": device_name("cpu"), "runtime": runtime, "label": label,
+            "genotype": list(genotype), "params": count_params(model), "dtype": "float32",
+            "resolution": setting.resolution, "threads": threads}
+    rows, errors = [], []
+    try:
+        gen = torch.Generator().manual_seed(3)
+        xs = {b: torch.randn((b, 3, setting.resolution, setting.resolution), generator=gen) for b in setting.batches}
+        eager = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected = {b: eager(x.contiguous(memory_format=torch.channels_last)) for b, x in xs.items()}
+        if runtime == "onnxruntime":
+            import onnxruntime
+            t0 = time.perf_counter()
+            path = to_onnx(model, xs[setting.batches[0]], Path(work_dir) / "derived.onnx")
+            base.update(export_s=time.perf_counter() - t0, onnxruntime=onnxruntime.__version__,
+                        memory_format="contiguous (ONNX)")
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+
+            def runner(x):
+                feed = {name: x.numpy()}
+                return lambda: torch.from_numpy(session.run(None, feed)[0])
+        else:
+            net = eager if runtime == "eager" else torch.compile(eager, backend=compile_backend)
+            base["memory_format"] = "channels_last"
+
+            def runner(x):
+                x = x.contiguous(memory_format=torch.channels_last)
+
+                def fn():
+                    with torch.no_grad():
+                        return net(x)
+                return fn
+    except Exception as e:
+        row = dict(base, error=_error_text(e))
+        raise BenchError([row], [row["error"]]) from e
+    for b in setting.batches:
+        row = dict(base, batch=b)
+        try:
+            fn = runner(xs[b])
+            row["first_call_s"] = first_call_seconds(fn, "cpu")
+            row["rel_err_vs_eager"] = _rel_err(fn(), expected[b])
+            t = measure(fn, "cpu", timing)
+            row.update(t.as_row())
+            row["images_per_s"] = b / (t.median_ms * 1e-3)
+        except Exception as e:
+            row["error"] = _error_text(e)
+            errors.append(f"{runtime} batch {b}: {row['error']}")
+        rows.append(row)
+    if errors:
+        raise BenchError(rows, errors)
+    return rows

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
-from .cases import (BenchError, model_variants, op_cases, strip_gate_cases, TRAIN_VARIANTS)
+from .cases import (BenchError, DEPLOY_RUNTIMES, model_variants, op_cases, strip_gate_cases, TRAIN_VARIANTS)
 from .common import (ONCE, RESULTS_DIR, SCOPES, TIMING, Results, TimingConfig, copy_bandwidth, device_name,
                      environment)
 
@@ -112,7 +112,8 @@ def bench(request) -> BenchRun:
 
 def pytest_generate_tests(metafunc):
     names = metafunc.fixturenames
-    if not any(n in names for n in ("op_case", "model_variant", "train_key", "strip_gate_case", "cpu_model_variant")):
+    if not any(n in names for n in ("op_case", "model_variant", "train_key", "strip_gate_case", "cpu_model_variant",
+                                    "deploy_runtime")):
         return
     s = _run_state(metafunc.config)
     if "op_case" in names:
@@ -127,6 +128,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("cpu_model_variant", variants, ids=[v.key for v in variants])
     if "train_key" in names:
         metafunc.parametrize("train_key", [k for k, _ in TRAIN_VARIANTS])
+    if "deploy_runtime" in names:
+        metafunc.parametrize("deploy_runtime", [k for k, _ in DEPLOY_RUNTIMES])
     if "strip_gate_case" in names:
         cases = strip_gate_cases(s.scope)
         metafunc.parametrize("strip_gate_case", cases,

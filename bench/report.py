@@ -123,6 +123,8 @@ def row_key(r: Dict[str, Any]) -> Tuple:
         return (s, r.get("variant"), r.get("batch"), r.get("dtype"), r.get("resolution"), r.get("memory_format"))
     if s == "train":
         return (s, r.get("variant"), r.get("batch"), r.get("resolution"), r.get("memory_format"))
+    if s == "deploy":
+        return (s, r.get("runtime"), r.get("batch"), r.get("resolution"))
     return (s, r.get("case"), r.get("error"))
 
 
@@ -527,11 +529,40 @@ def strip_gate_section(d: Device) -> str:
     return table(head, body, "lllrrrrrrr") + "\n\n" + note
 
 
+def deploy_section(d: Device) -> str:
+    """ONNX Runtime vs PyTorch eager vs torch.compile for the exported derived network, per batch."""
+    rows = d.suite("deploy")
+    if not rows:
+        return ""
+    order = {"eager": 0, "compile": 1, "onnxruntime": 2}
+    eager = {(r["batch"], r["resolution"]): r for r in rows if r["runtime"] == "eager"}
+    body = []
+    for r in sorted(rows, key=lambda r: (r["resolution"], r["batch"], order.get(r["runtime"], 9))):
+        base = eager.get((r["batch"], r["resolution"]), {})
+        first = r.get("export_s") if r["runtime"] == "onnxruntime" else r.get("first_call_s")
+        body.append([r["label"], r["batch"], r["resolution"], r.get("memory_format", ""), num(r.get("median_ms")),
+                     f"{num(r.get('p20_ms'))}–{num(r.get('p80_ms'))}", num(r.get("images_per_s")),
+                     times(ratio(base.get("median_ms"), r.get("median_ms"))), num(first),
+                     "" if r.get("rel_err_vs_eager") is None else f"{r['rel_err_vs_eager']:.1e}"])
+    head = ["runtime", "batch", "px", "layout", "median ms", "p20–p80", "images/s", "× eager", "first s",
+            "rel. err vs eager"]
+    genotypes = {" ".join(r["genotype"]) for r in rows}
+    threads = sorted({str(r.get("threads")) for r in rows})
+    versions = sorted({r["onnxruntime"] for r in rows if r.get("onnxruntime")})
+    note = (f"Derived MobileNetV2-1.0 (1000 classes, float32) with genotype `{' | '.join(sorted(genotypes))}`, "
+            f"{', '.join(threads)} thread(s) for every runtime (ONNX Runtime {', '.join(versions) or '?'}: "
+            "intra-op threads = torch's). The ONNX file comes from `metapool_kernels.export.to_onnx` (standard ops, "
+            "dynamic batch) and is run with the CPUExecutionProvider at its default graph optimisations. "
+            "`first s`: the export for ONNX Runtime, the first (compiling) call for torch.compile. "
+            "`rel. err vs eager`: ‖logits − eager's‖ / ‖eager's‖ on the timed input.")
+    return table(head, body, "lrrlrrrrrr") + "\n\n" + note
+
+
 def errors_section(d: Device) -> str:
     errs = d.errors
     if not errs:
         return ""
-    body = [[r.get("suite"), r.get("case") or r.get("variant") or "", r.get("provider") or "", f"`{r['error']}`"]
+    body = [[r.get("suite"), r.get("case") or r.get("variant") or r.get("runtime") or "", r.get("provider") or "", f"`{r['error']}`"]
             for r in errs]
     return table(["suite", "case", "variant", "error"], body, "llll")
 
@@ -556,6 +587,8 @@ def render(runs: Sequence[Dict[str, Any]], source: str = "bench/results") -> str
                             ("Training step: PMPL search step vs plain SGD step", train_section(d)),
                             ("CPU: batch-1 inference, plain vs derived MobileNetV2", cpu_models_section(d)),
                             ("Strip gate: C++ op vs eager", strip_gate_section(d)),
+                            ("Deployment: ONNX Runtime vs PyTorch eager vs torch.compile, derived MobileNetV2-1.0",
+                             deploy_section(d)),
                             ("Failed variants", errors_section(d))):
             if body:
                 out.append(f"### {title}\n\n{body}\n")

@@ -143,9 +143,20 @@ def _run(profile: str, p: Dict[str, Any], out: Path, device: str) -> Dict[str, A
     print(f"logs:           {out}/*/log.jsonl")
     retrain = " + ".join(f"{r['seconds']:.0f}" for r in results)
     print(f"total wall time {total:.0f} s (search {t_search:.0f} s, retraining {retrain} s)")
+    onnx_path = _export_derived(results[0]["checkpoint"], out, p["test_subset"])
     return {"genotype_ops": search.genotype, "genotype": search.genotype_path, "plot": search.plot_path,
             "events": search.events, "results": results, "seconds": total, "test_subset": p["test_subset"],
-            "profile": profile}
+            "profile": profile, "onnx": onnx_path}
+
+
+def _export_derived(checkpoint: Path, out: Path, test_subset: Optional[int]) -> Path:
+    """The deployment step after retraining: the derived network as ONNX, verified with ONNX Runtime."""
+    from .pmpl.export import export_checkpoint
+
+    path = out / "derived.onnx"
+    print()
+    print(f"export: python -m metapool_kernels.pmpl export --checkpoint {checkpoint} --out {path}")
+    return export_checkpoint(str(checkpoint), str(path), images=min(test_subset or 10000, 1000)).path
 
 
 if __name__ == "__main__":

@@ -214,3 +214,22 @@ def test_report_renders_cpu_and_synthetic_gpu(cpu_rows, tmp_path):
     runs = [dict(gpu_run.to_json(), rows=noisy, file="noisy.json")]
     assert "**not resolved**: the two Skip timings differ by up to 20.0%" in report.render(runs)
     assert "CPU: batch-1 inference" not in gpu_text
+
+
+def test_deploy_suite_rows_and_report(tmp_path):
+    """The deployment suite untimed at 32 px: the ONNX file runs in ONNX Runtime, agrees with eager,
+    and the report renders its section."""
+    setting = cases.deploy_setting("smoke")
+    rows = []
+    for runtime in ("eager", "onnxruntime"):
+        rows += cases.run_deploy_case(runtime, cases.DERIVED_GENOTYPE, setting, ONCE, tmp_path)
+    assert not [r for r in rows if r.get("error")]
+    ort = next(r for r in rows if r["runtime"] == "onnxruntime")
+    assert ort["export_s"] > 0 and ort["rel_err_vs_eager"] < 1e-4
+    assert next(r for r in rows if r["runtime"] == "eager")["rel_err_vs_eager"] == 0
+    run = Results(common.environment("cpu", "smoke", command="python -m pytest bench -k deploy"))
+    run.add(rows)
+    text = report.render([dict(run.to_json(), file="deploy.json")])
+    section = text[text.index("### Deployment: ONNX Runtime vs PyTorch eager vs torch.compile"):]
+    assert "ONNX Runtime (CPUExecutionProvider)" in section and "PyTorch eager (FusedMetaPooling)" in section
+    assert " ".join(cases.DERIVED_GENOTYPE) in section

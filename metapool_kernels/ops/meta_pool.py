@@ -202,3 +202,4 @@ def mix(x: torch.Tensor, pi: Optional[torch.Tensor], names: Tuple[str, ...], gat
         gates = (None, None, None, None)
     out, _, _ = torch.ops.metapool.meta_pool(x, pi, *gates, ",".join(names))
     return out
+

@@ -1,4 +1,4 @@
-"""``python -m metapool_kernels.pmpl search|retrain|eval``: the PMPL command line.
+"""``python -m metapool_kernels.pmpl search|retrain|eval|export``: the PMPL command line.
 
 Defaults are the paper's §3.1 settings. Under ``torchrun --nproc_per_node=N`` every command runs on
 N processes with DistributedDataParallel (nccl on CUDA, gloo on CPU); ``--batch-size`` stays the
@@ -18,6 +18,7 @@ from ..reference import PAPER_CANDIDATES
 from .checks import (BELOW_ONE, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_UNIT, POSITIVE, POSITIVE_INT, SEED,
                      UP_TO_ONE)
 from .runtime import one_line
+from .export import DEFAULT_ATOL
 from .search import SearchConfig
 from .train import TrainConfig
 
@@ -28,6 +29,7 @@ EXAMPLES = """examples:
   python -m metapool_kernels.pmpl retrain --genotype runs/search/genotype.json --width 0.5 --epochs 200
   python -m metapool_kernels.pmpl retrain --enhancer none --width 0.5 --epochs 200 --out runs/none
   python -m metapool_kernels.pmpl eval runs/retrain/checkpoint.pt
+  python -m metapool_kernels.pmpl export --checkpoint runs/retrain/checkpoint.pt --out runs/retrain/model.onnx
   torchrun --nproc_per_node=4 -m metapool_kernels.pmpl search --data-dir /data/imagenet
 """
 
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Progressive Meta-Pooling Learning (PMPL): search the enhancer of every MobileNetV2 block, "
                     "retrain the derived network from scratch, evaluate it.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval,export}")
 
     sd = SearchConfig()
     ps = sub.add_parser("search", help="PMPL search (Algorithm 1); writes genotype.json and alpha_history.png",
@@ -170,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--workers", type=_nonneg_int, default=4)
     pe.add_argument("--device", type=DEVICE.arg(str), default="auto")
     pe.add_argument("--no-progress", dest="progress", action="store_false")
+
+    px = sub.add_parser("export", help="the retrained network as an ONNX model, verified with ONNX Runtime",
+                        description="Export the network of a retrain checkpoint (genotype and input shape from the "
+                                    "checkpoint) to one ONNX file of standard ops with a dynamic batch dimension, "
+                                    "then run it with ONNX Runtime on real test images and compare with PyTorch.",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    px.add_argument("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt written by retrain")
+    px.add_argument("--out", required=True, metavar="ONNX", help="path of the ONNX file to write")
+    px.add_argument("--images", type=_positive_int, default=1000, help="test images to verify on (default %(default)s)")
+    px.add_argument("--data-dir", default=None, help="override the data set the checkpoint was trained on")
+    px.add_argument("--atol", type=float, default=DEFAULT_ATOL, metavar="TOL",
+                    help="largest logit difference accepted between ONNX Runtime and PyTorch (default %(default)g)")
     return parser
 
 
@@ -196,6 +210,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             res = run_train(_config(TrainConfig, args))
             if _is_main():
                 print(accuracy_table([result_row(res)], title=f"Test accuracy after {res.epochs} epochs"))
+        elif args.command == "export":
+            from .export import export_checkpoint
+            export_checkpoint(args.checkpoint, args.out, images=args.images, data_dir=args.data_dir, atol=args.atol)
         else:
             from .train import run_eval
             run_eval(args.checkpoint, data_dir=args.data_dir, test_subset=args.test_subset,
