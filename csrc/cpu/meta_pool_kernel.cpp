@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -54,14 +55,46 @@ constexpr int kRing = 8;  // rows kept per ring: ≥ 2·3 + 2, the widest window
 // Vector loop helpers: full vectors, then one partial vector; `n` is a compile-time constant in
 // the main loop once the body is inlined.
 // ---------------------------------------------------------------------------------------------
+#if defined(CPU_CAPABILITY_AVX2)
+// Lane masks for partial vectors: the first n lanes of mask_lanes<T>(n) are set. AVX2's masked
+// loads and stores take one instruction where ATen's partial loadu/store copy through memory.
+alignas(32) static const int64_t kLaneMask[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+inline __m256i float_mask(int64_t n) {  // 8 × 32-bit lanes: two 32-bit halves per int64 entry
+  alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
+}
+inline __m256i double_mask(int64_t n) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + 4 - n));
+}
+#endif
+
 template <typename T>
 inline Vectorized<T> load(const T* p, int64_t n) {
-  return n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+  if (n == Vectorized<T>::size()) return Vectorized<T>::loadu(p);
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return Vectorized<float>(_mm256_maskload_ps(p, float_mask(n)));
+  if constexpr (std::is_same_v<T, double>) return Vectorized<double>(_mm256_maskload_pd(p, double_mask(n)));
+#endif
+  return Vectorized<T>::loadu(p, n);
 }
 
 template <typename T>
 inline void store(T* p, const Vectorized<T>& v, int64_t n) {
-  if (n == Vectorized<T>::size()) v.store(p); else v.store(p, n);
+  if (n == Vectorized<T>::size()) {
+    v.store(p);
+    return;
+  }
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_maskstore_ps(p, float_mask(n), v);
+    return;
+  }
+  if constexpr (std::is_same_v<T, double>) {
+    _mm256_maskstore_pd(p, double_mask(n), v);
+    return;
+  }
+#endif
+  v.store(p, n);
 }
 
 // v with the lanes past n zeroed (a partial vector's garbage never enters a sum).
@@ -159,6 +192,24 @@ inline void convert_contiguous(const S* src, D* dst, int64_t n) {
   }
 }
 
+// dst[j · ld_dst + i] = src[i · ld_src + j] for i < M, j < N (converting); 8×8 vector blocks for
+// float32.
+template <typename S, typename D>
+void transpose(const S* src, int64_t ld_src, D* dst, int64_t ld_dst, int64_t M, int64_t N) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<D, float>) {
+    for (; i + 8 <= M; i += 8) {
+      int64_t j = 0;
+      for (; j + 8 <= N; j += 8)
+        at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+      for (; j < N; ++j)
+        for (int64_t k = i; k < i + 8; ++k) dst[j * ld_dst + k] = src[k * ld_src + j];
+    }
+  }
+  for (; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = static_cast<D>(src[i * ld_src + j]);
+}
+
 // Whether an item's packed row is laid out as its memory row.
 inline bool packed_is_contiguous(const Item& it, int64_t W) {
   return (it.clen == 1 && (it.cstride == 1 || W == 1)) || (it.lstride == 1 && (it.cstride == it.clen || W == 1));
@@ -174,8 +225,7 @@ void load_row(const scalar_t* src, const Item& it, int64_t W, acc_t* dst) {
   } else if (it.lstride == 1) {  // channels_last, a block of channels
     for (int64_t j = 0; j < W; ++j) convert_contiguous(src + j * it.cstride, dst + j * it.clen, it.clen);
   } else {  // NCHW, several channels packed: a transpose
-    for (int64_t l = 0; l < it.clen; ++l)
-      for (int64_t j = 0; j < W; ++j) dst[j * it.clen + l] = static_cast<acc_t>(src[l * it.lstride + j]);
+    transpose(src, it.lstride, dst, it.clen, it.clen, W);
   }
 }
 
@@ -188,8 +238,7 @@ void store_row(const acc_t* src, const Item& it, int64_t W, scalar_t* dst) {
   } else if (it.lstride == 1) {
     for (int64_t j = 0; j < W; ++j) convert_contiguous(src + j * it.clen, dst + j * it.cstride, it.clen);
   } else {
-    for (int64_t l = 0; l < it.clen; ++l)
-      for (int64_t j = 0; j < W; ++j) dst[l * it.lstride + j] = static_cast<scalar_t>(src[j * it.clen + l]);
+    transpose(src, it.clen, dst, it.lstride, W, it.clen);
   }
 }
 
@@ -235,41 +284,75 @@ inline int64_t window_count(int64_t i, int r, int64_t n) {
   return std::min<int64_t>(i + r, n - 1) - std::max<int64_t>(i - r, 0) + 1;
 }
 
-// Per-call constants of a packed row, shared by every row of an item.
+// Storage reused by the items of one thread, grown when needed and never initialised as a whole:
+// each user writes what it reads.
+template <typename T>
+struct Buffer {
+  std::unique_ptr<T[]> mem;
+  int64_t cap = 0;
+  T* get(int64_t n) {
+    if (n > cap) {
+      mem.reset(new T[n]);
+      cap = n;
+    }
+    return mem.get();
+  }
+};
+
+// A packed row of length L with `pad` positions either side holding `value`; returns its interior.
+template <typename T>
+T* padded_row(Buffer<T>& b, int64_t L, int64_t pad, T value) {
+  T* p = b.get(L + 2 * pad);
+  std::fill(p, p + pad, value);
+  std::fill(p + pad + L, p + L + 2 * pad, value);
+  return p + pad;
+}
+
+// Constants of an item's packed row, shared by all its rows.
 template <typename acc_t>
 struct Columns {
-  std::vector<acc_t> col;                 // column index of each packed position
-  std::array<std::vector<acc_t>, 4> inv;  // [r]: 1 / (window count along W), r = 1..3
-  std::array<std::vector<acc_t>, 4> first;// [r]: first column of the window, r = 1..3
+  Buffer<acc_t> col_buf, inv_buf[4], first_buf[4];
+  const acc_t* col = nullptr;  // column index of each packed position
+  const acc_t* inv[4] = {};    // [r]: 1 / (window count along W), r = 1..3
+  const acc_t* first[4] = {};  // [r]: first column of the window, r = 1..3
 
-  Columns(const Item& it, int64_t W, int R) : col(it.L) {
-    for (int64_t f = 0; f < it.L; ++f) col[f] = static_cast<acc_t>(f / it.clen);
+  void init(const Item& it, int64_t W, int R) {
+    acc_t* c = col_buf.get(it.L);
+    for (int64_t j = 0; j < W; ++j) std::fill(c + j * it.clen, c + (j + 1) * it.clen, static_cast<acc_t>(j));
+    col = c;
     for (int r = 1; r <= R; ++r) {
-      inv[r].resize(it.L);
-      first[r].resize(it.L);
-      for (int64_t f = 0; f < it.L; ++f) {
-        const int64_t j = f / it.clen;
-        inv[r][f] = acc_t(1) / static_cast<acc_t>(window_count(j, r, W));
-        first[r][f] = static_cast<acc_t>(std::max<int64_t>(j - r, 0));
+      acc_t* iv = inv_buf[r].get(it.L);
+      acc_t* fi = first_buf[r].get(it.L);
+      for (int64_t j = 0; j < W; ++j) {
+        std::fill(iv + j * it.clen, iv + (j + 1) * it.clen, acc_t(1) / static_cast<acc_t>(window_count(j, r, W)));
+        std::fill(fi + j * it.clen, fi + (j + 1) * it.clen, static_cast<acc_t>(std::max<int64_t>(j - r, 0)));
       }
+      inv[r] = iv;
+      first[r] = fi;
     }
   }
 };
 
-// A ring of kRing packed rows, each with `pad` positions either side filled with `pad_value`.
+// A ring of kRing packed rows, each with `pad` positions either side holding `pad_value`.
+// `stride == 0` marks a ring the call does not use.
 template <typename acc_t>
 struct Ring {
   int64_t stride = 0, pad = 0;
-  std::vector<acc_t> data;
+  Buffer<acc_t> buf;
+  acc_t* data = nullptr;
   std::array<int64_t, kRing> tag;
 
   void init(int64_t L, int64_t pad_, acc_t pad_value) {
     pad = pad_;
     stride = L + 2 * pad;
-    data.assign(kRing * stride, pad_value);
+    data = buf.get(kRing * stride);
+    for (int k = 0; k < kRing; ++k) {
+      std::fill(data + k * stride, data + k * stride + pad, pad_value);
+      std::fill(data + k * stride + pad + L, data + (k + 1) * stride, pad_value);
+    }
     tag.fill(std::numeric_limits<int64_t>::min());
   }
-  acc_t* row(int64_t r) { return data.data() + (r & (kRing - 1)) * stride + pad; }
+  acc_t* row(int64_t r) { return data + (r & (kRing - 1)) * stride + pad; }
   // The row for r, zeroed the first time r claims its slot.
   acc_t* claim(int64_t r, int64_t L) {
     acc_t* p = row(r);
@@ -323,8 +406,8 @@ void horizontal(const acc_t* xz, const acc_t* xn, int64_t L, int64_t lanes, int 
 
 // ---------------------------------------------------------------------------------------------
 // Strip sums: rows[(n,c), i] = Σ_j q · b_j and cols[chunk, (n,c), j] = Σ_{i in chunk} q · a_i with
-// q = x (forward: a = b = 1) or grad · x (backward: a = σ(g_h), b = σ(g_w)); with weights, also
-// total[item] = Σ q · a · b.
+// q = x (forward: grad, a and b absent, taken as 1) or grad · x (backward: a = σ(g_h), b = σ(g_w),
+// and total[item] = Σ q · a · b).
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 void strip_sums(const Layout& g, const scalar_t* x, const scalar_t* grad, const at::opmath_type<scalar_t>* a,
@@ -334,38 +417,39 @@ void strip_sums(const Layout& g, const scalar_t* x, const scalar_t* grad, const 
   using Vec = Vectorized<acc_t>;
   const int64_t H = g.H, W = g.W, planes = g.N * g.C;
   at::parallel_for(0, g.items(), 1, [&](int64_t begin, int64_t end) {
+    Buffer<acc_t> q_buf, g_buf, a_buf, b_buf, col_buf, lane_buf;
     for (int64_t index = begin; index < end; ++index) {
       const Item it(g, index);
       const int64_t L = it.L;
-      std::vector<acc_t> q(L), gr(grad ? L : 0), a_row(a ? L : 0), b_row(b ? L : 0), col(L, acc_t(0)),
-          lane(it.clen), qb(b ? L : 0);
-      if (b) pack_columns(b + it.nc(g, 0) * W, W, it, W, b_row.data());
+      acc_t* q = q_buf.get(L);
+      acc_t* gr = grad ? g_buf.get(L) : nullptr;
+      acc_t* a_row = a ? a_buf.get(L) : nullptr;
+      acc_t* b_row = b ? b_buf.get(L) : nullptr;
+      acc_t* lane = lane_buf.get(it.clen);
+      acc_t* col = col_buf.get(L);
+      std::fill(col, col + L, acc_t(0));
+      if (b) pack_columns(b + it.nc(g, 0) * W, W, it, W, b_row);
       Vec tot(acc_t(0));
       for (int64_t i = it.r0; i < it.r1; ++i) {
         const int64_t off = it.base + i * it.rstride;
-        load_row(x + off, it, W, q.data());
+        load_row(x + off, it, W, q);
         if (grad) {
-          load_row(grad + off, it, W, gr.data());
-          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) { store(q.data() + f, load(q.data() + f, n) * load(gr.data() + f, n), n); });
-        }
-        const acc_t* qr = q.data();
-        if (b) {
-          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) { store(qb.data() + f, load(q.data() + f, n) * load(b_row.data() + f, n), n); });
-          qr = qb.data();
-        }
-        lane_sums(qr, it, W, lane.data());
-        for (int64_t l = 0; l < it.clen; ++l) rows[it.nc(g, l) * H + i] = lane[l];
-        if (a) {
-          spread_lanes(a + it.nc(g, 0) * H + i, H, it, W, a_row.data());
+          load_row(grad + off, it, W, gr);
+          spread_lanes(a + it.nc(g, 0) * H + i, H, it, W, a_row);
+          // q ← grad·x·b for the row sums; the column sums and the total take grad·x·a.
           vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
-            const Vec qa = load(q.data() + f, n) * load(a_row.data() + f, n);
-            store(col.data() + f, load(col.data() + f, n) + qa, n);
-            if (n == Vec::size()) tot += qa * load(b_row.data() + f, n);
-            else tot += Vec::set(Vec(acc_t(0)), qa * load(b_row.data() + f, n), n);
+            const Vec gx = load(q + f, n) * load(gr + f, n);
+            const Vec gxa = gx * load(a_row + f, n);
+            const Vec bv = load(b_row + f, n);
+            store(col + f, load(col + f, n) + gxa, n);
+            tot += masked(gxa * bv, n);
+            store(q + f, gx * bv, n);
           });
         } else {
-          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) { store(col.data() + f, load(col.data() + f, n) + load(q.data() + f, n), n); });
+          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) { store(col + f, load(col + f, n) + load(q + f, n), n); });
         }
+        lane_sums(q, it, W, lane);
+        for (int64_t l = 0; l < it.clen; ++l) rows[it.nc(g, l) * H + i] = lane[l];
       }
       for (int64_t l = 0; l < it.clen; ++l)
         for (int64_t j = 0; j < W; ++j) cols[(it.chunk * planes + it.nc(g, l)) * W + j] = col[j * it.clen + l];
@@ -374,9 +458,9 @@ void strip_sums(const Layout& g, const scalar_t* x, const scalar_t* grad, const 
   });
 }
 
-// Σ over chunks, in chunk order: (chunks, P) → (P).
+// scale · Σ over chunks, in chunk order: (chunks, P) → (P).
 template <typename acc_t>
-at::Tensor sum_chunks(const at::Tensor& parts) {
+at::Tensor sum_chunks(const at::Tensor& parts, acc_t scale = acc_t(1)) {
   const int64_t chunks = parts.size(0), P = parts.numel() / std::max<int64_t>(chunks, 1);
   at::Tensor out = at::empty({P}, parts.options());
   const acc_t* p = parts.const_data_ptr<acc_t>();
@@ -385,7 +469,7 @@ at::Tensor sum_chunks(const at::Tensor& parts) {
     for (int64_t e = begin; e < end; ++e) {
       acc_t s = p[e];
       for (int64_t c = 1; c < chunks; ++c) s += p[c * P + e];
-      o[e] = s;
+      o[e] = s * scale;
     }
   });
   return out;
@@ -421,22 +505,24 @@ void forward_kernel(const MetaPoolArgs& a, const Layout& g, const at::opmath_typ
   const bool strip = cand.strip();
 
   at::parallel_for(0, g.items(), 1, [&](int64_t begin, int64_t end) {
+    Columns<acc_t> cols;
+    Ring<acc_t> xr, hs[4], hm[4];
+    Buffer<acc_t> xn_buf, acc_buf, sw_buf, sh_buf;
     for (int64_t index = begin; index < end; ++index) {
       const Item it(g, index);
       const int64_t L = it.L, P = R * it.clen;
-      const Columns<acc_t> cols(it, W, R);
-      Ring<acc_t> xr, hs[4], hm[4];
+      const bool direct = std::is_same_v<scalar_t, acc_t> && packed_is_contiguous(it, W);
+      cols.init(it, W, R);
       xr.init(L, P, acc_t(0));
       for (int r = 1; r <= R; ++r) {
         if (cand.has(kAvg3 + r - 1)) hs[r].init(L, 0, acc_t(0));
         if (cand.has(kMax3 + r - 1)) hm[r].init(L, 0, acc_t(0));
       }
-      std::vector<acc_t> xn(L + 2 * P, -std::numeric_limits<acc_t>::infinity()), acc_row(L), sw_row, sh_row;
-      if (strip) {
-        sw_row.resize(L);
-        sh_row.resize(L);
-        pack_columns(sw + it.nc(g, 0) * W, W, it, W, sw_row.data());
-      }
+      acc_t* xn = padded_row(xn_buf, L, P, -std::numeric_limits<acc_t>::infinity());
+      acc_t* acc_row = acc_buf.get(L);
+      acc_t* sw_row = strip ? sw_buf.get(L) : nullptr;
+      acc_t* sh_row = strip ? sh_buf.get(L) : nullptr;
+      if (strip) pack_columns(sw + it.nc(g, 0) * W, W, it, W, sw_row);
       for (int64_t t = std::max<int64_t>(it.r0 - R, 0); t < std::min<int64_t>(it.r1 + R, H) + R; ++t) {
         if (t < std::min<int64_t>(it.r1 + R, H)) {  // row t arrives
           acc_t* xz = xr.row(t);
@@ -446,8 +532,8 @@ void forward_kernel(const MetaPoolArgs& a, const Layout& g, const at::opmath_typ
             if (hs[r].stride) sums[r] = hs[r].row(t);
             if (hm[r].stride) maxes[r] = hm[r].row(t);
           }
-          if (Rm > 0) std::memcpy(xn.data() + P, xz, L * sizeof(acc_t));
-          horizontal(xz, xn.data() + P, L, it.clen, Ra, Rm, sums, maxes);
+          if (Rm > 0) std::memcpy(xn, xz, L * sizeof(acc_t));
+          horizontal(xz, xn, L, it.clen, Ra, Rm, sums, maxes);
         }
         const int64_t p = t - R;  // output row p: its whole window is in the rings
         if (p < it.r0 || p >= it.r1) continue;
@@ -459,19 +545,21 @@ void forward_kernel(const MetaPoolArgs& a, const Layout& g, const at::opmath_typ
           if (hs[r].stride) {
             avg_win[r] = Window<acc_t>(hs[r], p, r, H);
             avg_scale[r] = w.local[kAvg3 + r - 1] / static_cast<acc_t>(window_count(p, r, H));
-            inv[r] = cols.inv[r].data();
+            inv[r] = cols.inv[r];
           }
           if (hm[r].stride) {
             max_win[r] = Window<acc_t>(hm[r], p, r, H);
             max_scale[r] = w.local[kMax3 + r - 1];
           }
         }
-        if (strip) spread_lanes(sh + it.nc(g, 0) * H + p, H, it, W, sh_row.data());
+        if (strip) spread_lanes(sh + it.nc(g, 0) * H + p, H, it, W, sh_row);
         const acc_t* xp = xr.row(p);
-        const acc_t *shp = sh_row.data(), *swp = sw_row.data();
+        const acc_t *shp = sh_row, *swp = sw_row;
         const bool skip = cand.has(kSkip);
         const acc_t w_skip = w.local[kSkip], w_strip = w.strip;
-        acc_t* o_row = acc_row.data();
+        // Straight into the output when its row is the packed row.
+        scalar_t* out_row = out + it.base + p * it.rstride;
+        acc_t* o_row = direct ? reinterpret_cast<acc_t*>(out_row) : acc_row;
         vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
           const Vec xv = load(xp + f, n);
           Vec o = skip ? Vec(w_skip) * xv : Vec(acc_t(0));  // never 0 · inf
@@ -490,7 +578,7 @@ void forward_kernel(const MetaPoolArgs& a, const Layout& g, const at::opmath_typ
           if (strip) o += Vec(w_strip) * xv * load(shp + f, n) * load(swp + f, n);
           store(o_row + f, o, n);
         });
-        store_row(acc_row.data(), it, W, out + it.base + p * it.rstride);
+        if (!direct) store_row(acc_row, it, W, out_row);
       }
     }
   });
@@ -521,11 +609,14 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
   const acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, g.items(), 1, [&](int64_t begin, int64_t end) {
+    Columns<acc_t> cols;
+    Ring<acc_t> gr, xr, gx_acc, hb[4], hmax[4], harg[4], U[4];
+    Buffer<acc_t> xn_buf, gs_buf, out_buf, sw_buf, sh_buf, gzw_buf, gzh_buf;
     for (int64_t index = begin; index < end; ++index) {
       const Item it(g, index);
       const int64_t L = it.L, P = R * it.clen;
-      const Columns<acc_t> cols(it, W, R);
-      Ring<acc_t> gr, xr, gx_acc, hb[4], hmax[4], harg[4], U[4];
+      const bool direct = std::is_same_v<scalar_t, acc_t> && packed_is_contiguous(it, W);
+      cols.init(it, W, R);
       gr.init(L, 0, acc_t(0));
       xr.init(L, 0, acc_t(0));
       gx_acc.init(L, 0, acc_t(0));
@@ -537,12 +628,14 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
           U[r].init(L, P, acc_t(0));
         }
       }
-      std::vector<acc_t> xn(L + 2 * P, -kInf), gs(L + 2 * P, acc_t(0)), out_row(L), sw_row, sh_row, gzw_row,
-          gzh_row;
+      acc_t* xn = padded_row(xn_buf, L, P, -kInf);
+      acc_t* gs = padded_row(gs_buf, L, P, acc_t(0));
+      acc_t* out_row = out_buf.get(L);
+      acc_t *sw_row = nullptr, *sh_row = nullptr, *gzw_row = nullptr, *gzh_row = nullptr;
       if (strip) {
-        sw_row.resize(L); sh_row.resize(L); gzw_row.resize(L); gzh_row.resize(L);
-        pack_columns(sw + it.nc(g, 0) * W, W, it, W, sw_row.data());
-        pack_columns(gzw + it.nc(g, 0) * W, W, it, W, gzw_row.data());
+        sw_row = sw_buf.get(L); sh_row = sh_buf.get(L); gzw_row = gzw_buf.get(L); gzh_row = gzh_buf.get(L);
+        pack_columns(sw + it.nc(g, 0) * W, W, it, W, sw_row);
+        pack_columns(gzw + it.nc(g, 0) * W, W, it, W, gzw_row);
       }
       std::array<Vec, kLocalSlots> alpha;
       alpha.fill(Vec(acc_t(0)));
@@ -558,14 +651,14 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
           load_row(grad + off, it, W, gt);
           load_row(x + off, it, W, xt);
           if (Rm > 0) {
-            std::memcpy(xn.data() + P, xt, L * sizeof(acc_t));
-            const acc_t* xp = xn.data() + P;
+            std::memcpy(xn, xt, L * sizeof(acc_t));
+            const acc_t* xp = xn;
             for (int r = 1; r <= Rm; ++r) {
               if (!hmax[r].stride) continue;
               acc_t* hm = hmax[r].row(t);
               acc_t* ha = harg[r].row(t);
-              const acc_t* first = cols.first[r].data();
-              const acc_t* col = cols.col.data();
+              const acc_t* first = cols.first[r];
+              const acc_t* col = cols.col;
               // First maximum of each window in column order, or its last NaN (max_pool2d's
               // scan: update when v > best or v is NaN). Windows nest: the scan of radius r is
               // column j - r, then the window of radius r - 1 as one element, then column j + r.
@@ -581,7 +674,7 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
                 for (int r = 1; r <= Rm; ++r) {
                   const Vec inner = best, inner_arg = arg;
                   best = Vec(-kInf);
-                  arg = load(cols.first[r].data() + f, n);
+                  arg = load(cols.first[r] + f, n);
                   scan(load(xp + f - r * lanes, n), c - Vec(static_cast<acc_t>(r)));
                   if (r == 1) scan(load(xp + f, n), c);
                   else scan(inner, inner_arg);
@@ -597,8 +690,8 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
           for (int r = 1; r <= Ra; ++r) {
             if (!hb[r].stride) continue;
             const acc_t row_inv = acc_t(1) / static_cast<acc_t>(window_count(t, r, H));
-            const acc_t* inv = cols.inv[r].data();
-            acc_t* gsp = gs.data() + P;
+            const acc_t* inv = cols.inv[r];
+            acc_t* gsp = gs;
             vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
               store(gsp + f, load(gt + f, n) * load(inv + f, n) * Vec(row_inv), n);
             });
@@ -651,8 +744,8 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
             const acc_t* xp = xr.row(p);
             acc_t* acc = gx_acc.row(p);
             if (strip) {
-              spread_lanes(sh + it.nc(g, 0) * H + p, H, it, W, sh_row.data());
-              spread_lanes(gzh + it.nc(g, 0) * H + p, H, it, W, gzh_row.data());
+              spread_lanes(sh + it.nc(g, 0) * H + p, H, it, W, sh_row);
+              spread_lanes(gzh + it.nc(g, 0) * H + p, H, it, W, gzh_row);
             }
             Window<acc_t> avg_win[4];
             std::array<acc_t, 4> avg_w{};
@@ -663,7 +756,7 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
             }
             const bool skip = cand.has(kSkip);
             const acc_t w_skip = w.local[kSkip], w_strip = w.strip;
-            const acc_t *shp = sh_row.data(), *swp = sw_row.data(), *gzhp = gzh_row.data(), *gzwp = gzw_row.data();
+            const acc_t *shp = sh_row, *swp = sw_row, *gzhp = gzh_row, *gzwp = gzw_row;
             Vec a_skip(acc_t(0)), a_avg[4] = {Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0)), Vec(acc_t(0))};
             vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
               const Vec gv = load(gp + f, n), xv = load(xp + f, n);
@@ -697,7 +790,7 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
           store_row(acc, it, W, grad_x + it.base + i * it.rstride);
           continue;
         }
-        const acc_t* col = cols.col.data();
+        const acc_t* col = cols.col;
         const acc_t *urow[4] = {}, *arow[4] = {};
         std::array<acc_t, 4> max_w{};
         for (int r = 1; r <= Rm; ++r) {
@@ -707,7 +800,8 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
           max_w[r] = w.local[kMax3 + r - 1];
         }
         const int64_t lanes = it.clen;
-        acc_t* o_row = out_row.data();
+        scalar_t* gx_row = grad_x + it.base + i * it.rstride;
+        acc_t* o_row = direct ? reinterpret_cast<acc_t*>(gx_row) : out_row;
         vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
           Vec o = load(acc + f, n);
           const Vec c = load(col + f, n);
@@ -720,7 +814,7 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
           }
           store(o_row + f, o, n);
         });
-        store_row(out_row.data(), it, W, grad_x + it.base + i * it.rstride);
+        if (!direct) store_row(out_row, it, W, gx_row);
       }
       for (int s = 0; s < kLocalSlots; ++s) alpha_parts[index * kLocalSlots + s] = reduce_sum(alpha[s]);
     }
@@ -730,10 +824,18 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
 // ---------------------------------------------------------------------------------------------
 // The ops.
 // ---------------------------------------------------------------------------------------------
-// Gate logits g = W z + b of a strip mean z (N, C, S): a pointwise Conv1d.
-at::Tensor gate_logits(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias) {
-  const int64_t C = weight.size(0);
-  return at::matmul(weight.view({C, C}), z).add_(bias.view({C, 1}));
+// The gate σ(W z + b) of a strip mean z (N, C, S), W z + b being a pointwise Conv1d; the bias and
+// the sigmoid in one pass over the GEMM's output.
+at::Tensor strip_gate_values(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias) {
+  const int64_t C = weight.size(0), S = z.size(2), NC = z.size(0) * C;
+  at::Tensor g = at::matmul(weight.view({C, C}), z);
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "meta_pool_gate", [&] {
+    scalar_t* p = g.mutable_data_ptr<scalar_t>();
+    const scalar_t* b = bias.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < NC; ++r)
+      for (int64_t k = 0; k < S; ++k) p[r * S + k] = scalar_t(1) / (scalar_t(1) + std::exp(-(p[r * S + k] + b[r % C])));
+  });
+  return g;
 }
 
 at::Tensor empty_strip(const MetaPoolArgs& a, int dim) {
@@ -750,9 +852,12 @@ std::tuple<at::Tensor, at::Tensor> strip_means(const MetaPoolArgs& a, const Layo
     using acc_t = at::opmath_type<scalar_t>;
     strip_sums<scalar_t>(g, a.x.const_data_ptr<scalar_t>(), nullptr, nullptr, nullptr,
                          rows.mutable_data_ptr<acc_t>(), cols.mutable_data_ptr<acc_t>(), nullptr);
-    cols = sum_chunks<acc_t>(cols).view({g.N, g.C, g.W});
+    acc_t* r = rows.mutable_data_ptr<acc_t>();
+    const acc_t inv_w = acc_t(1) / static_cast<acc_t>(g.W);
+    for (int64_t k = 0; k < rows.numel(); ++k) r[k] *= inv_w;
+    cols = sum_chunks<acc_t>(cols, acc_t(1) / static_cast<acc_t>(g.H)).view({g.N, g.C, g.W});
   });
-  return {rows.div_(g.W), cols.div_(g.H)};
+  return {rows, cols};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_pool_forward_cpu(
@@ -767,8 +872,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_pool_forward_cpu(
   at::Tensor sh, sw;
   if (a.cand.strip()) {
     std::tie(z_h, z_w) = strip_means(a, g);
-    sh = gate_logits(z_h, a.gate_h_weight, a.gate_h_bias).sigmoid_().contiguous();
-    sw = gate_logits(z_w, a.gate_w_weight, a.gate_w_bias).sigmoid_().contiguous();
+    sh = strip_gate_values(z_h, a.gate_h_weight, a.gate_h_bias);
+    sw = strip_gate_values(z_w, a.gate_w_weight, a.gate_w_bias);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -808,8 +913,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     TORCH_CHECK(z_h.sizes() == at::IntArrayRef({N, C, H}) && z_w.sizes() == at::IntArrayRef({N, C, W}),
                 "meta_pool_backward: z_h and z_w must be the forward's strip means, of shapes (N, C, H) and (N, C, W)");
     const at::Tensor zh = z_h.to(acc).contiguous(), zw = z_w.to(acc).contiguous();
-    sh = gate_logits(zh, a.gate_h_weight, a.gate_h_bias).sigmoid_().contiguous();
-    sw = gate_logits(zw, a.gate_w_weight, a.gate_w_bias).sigmoid_().contiguous();
+    sh = strip_gate_values(zh, a.gate_h_weight, a.gate_h_bias);
+    sw = strip_gate_values(zw, a.gate_w_weight, a.gate_w_bias);
     at::Tensor rows = at::empty({N, C, H}, acc_opts);
     at::Tensor cols = at::empty({g.chunks, N, C, W}, acc_opts);
     at::Tensor totals = at::empty({g.items()}, acc_opts);
