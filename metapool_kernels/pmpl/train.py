@@ -20,6 +20,7 @@ from torch import nn
 
 from . import runtime
 from .data import DataBundle, build_data
+from .progress import progress
 from .report import format_table
 
 
@@ -127,8 +128,6 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
         ids = [env.device.index] if env.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    from tqdm.auto import tqdm
-
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     metrics: Dict[str, float] = history[-1].get("test", {}) if history else {}
     epochs_run = 0
@@ -137,8 +136,7 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
         data.train.set_epoch(epoch)
         t_epoch = time.perf_counter()
         loss_sum = correct = seen = 0.0
-        bar = tqdm(data.train, desc=f"{name} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.progress and env.is_main))
+        bar = progress(data.train, f"{name} {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and env.is_main)
         for x, y in bar:
             logits = net(x.contiguous(memory_format=fmt))
             loss = crit(logits, y)
