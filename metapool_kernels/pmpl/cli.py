@@ -1,4 +1,4 @@
-"""``python -m metapool_kernels.pmpl search|retrain|eval``: the PMPL command line.
+"""``python -m metapool_kernels.pmpl search|retrain|eval|ablation``: the PMPL command line.
 
 Defaults are the paper's §3.1 settings. Under ``torchrun --nproc_per_node=N`` every command runs on
 N processes with DistributedDataParallel (nccl on CUDA, gloo on CPU); ``--batch-size`` stays the
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Progressive Meta-Pooling Learning (PMPL): search the enhancer of every MobileNetV2 block, "
                     "retrain the derived network from scratch, evaluate it.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval,ablation}")
 
     sd = SearchConfig()
     ps = sub.add_parser("search", help="PMPL search (Algorithm 1); writes genotype.json and alpha_history.png",
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--workers", type=int, default=4)
     pe.add_argument("--device", default="auto")
     pe.add_argument("--no-progress", dest="progress", action="store_false")
+    from .ablation import add_subparser as add_ablation
+    add_ablation(sub)
     return parser
 
 
@@ -174,6 +176,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             res = run_train(_config(TrainConfig, args))
             if _is_main():
                 print(accuracy_table([result_row(res)], title=f"Test accuracy after {res.epochs} epochs"))
+        elif args.command == "ablation":
+            from .ablation import main as run_ablation
+            run_ablation(args)
         else:
             from .train import run_eval
             run_eval(args.checkpoint, data_dir=args.data_dir, test_subset=args.test_subset,
