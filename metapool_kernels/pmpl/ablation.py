@@ -16,7 +16,7 @@ PMPL      a PMPL search over the paper's 8 candidates (Algorithm 1, ρ = 0.2, th
 
 A seed sets the data order and augmentation, the initialisation, the Random draw and the search.
 
-The budget (see :data:`DEFAULT_BUDGET_NOTE`, :func:`scaled_alpha_lr`): the paper searches 30 epochs
+The budget (see :class:`AblationConfig` and :func:`scaled_alpha_lr`): the paper searches 30 epochs
 of ImageNet (≈150,000 bi-level steps) and retrains 200 epochs; on a 2-core CPU the whole table gets
 about three hours, so the retraining is 2 epochs and the search 6 epochs of D_tr (1,404 steps). With
 150,000 / 1,404 ≈ 107 times fewer steps, α's Adam learning rate is scaled by √107 (0.0031 instead of
@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -71,12 +71,6 @@ PAPER_SEARCH_STEPS = 30 * ((1_281_167 // 2) // 128)
 
 FASHION_MNIST_TRAIN = 60_000
 
-# Step costs measured with `ablation --estimate` before fused CPU kernels, 2 cores, width 0.35,
-# batch 128 (see README): a plain step ≈ 0.4 s; the defaults below assume a search step costs
-# 2 × 1.3 plain steps (two supernet passes at the fused kernels' target of 1.3× a plain pass).
-DEFAULT_BUDGET_NOTE = ("2 retraining epochs per run and 6 search epochs: ≈ 15 × 936 retraining steps plus "
-                       "3 × 1,404 search steps ≈ 26,000 plain-step equivalents ≈ 3 h at 0.4 s a step")
-
 
 def scaled_alpha_lr(search_steps: int) -> float:
     """α's Adam learning rate for a search of ``search_steps`` steps: the paper's, scaled so that
@@ -89,12 +83,17 @@ def scaled_alpha_lr(search_steps: int) -> float:
 @dataclass
 class AblationConfig:
     """The ablation. Every field above ``variants`` is shared by all runs and fixed once started."""
-    # the network and data
+    # The network and data. Width 0.35 (8 to 112 channels in the blocks after torchvision's rounding
+    # to multiples of 8) is the demo's: within a fixed three hours a wider network buys fewer steps.
     width: float = 0.35
     batch_size: int = 128
     subset: Optional[int] = None          # training images (default all 60,000)
     test_subset: Optional[int] = None     # test images (default all 10,000)
-    # retraining, identical for every variant (paper §3.1 optimiser, shorter schedule)
+    # retraining, identical for every variant (paper §3.1 optimiser, shorter schedule).
+    # The default budget: 15 retrainings of 2 × 468 steps (≈1.05 plain steps each on average) plus
+    # 3 searches of 6 × 234 steps, a search step taken as 2 × 1.3 plain steps (two supernet passes
+    # at the fused CPU kernels' goal), plus evaluation: ≈26,000 plain-step equivalents, ≈2.9 h at the
+    # ≈0.4 s a plain step of width 0.35, batch 128 takes on 2 idle cores. `--estimate` re-measures.
     retrain_epochs: int = 2
     lr: float = 0.05
     momentum: float = 0.9
@@ -380,6 +379,7 @@ def write_report(cfg: AblationConfig, plan: Plan, log=None) -> Dict[str, Any]:
     results = {
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "settings": cfg.settings(), "seeds": list(cfg.seeds), "variants": list(cfg.variants), "labels": labels,
+        "descriptions": {k: v[1] for k, v in VARIANTS.items()},
         "planned_runs": len(cfg.seeds) * len(cfg.variants), "candidates": list(cfg.candidates),
         "budget": {"lines": lines, "retrain_steps": cfg.retrain_epochs * plan.retrain_steps_per_epoch,
                    "search_steps": plan.search_steps, "alpha_lr": plan.alpha_lr,
@@ -420,16 +420,14 @@ def measure_step_seconds(cfg: AblationConfig, steps: int = 4) -> Dict[str, float
     y = torch.randint(0, 10, (cfg.batch_size,), generator=gen)
     kw = dict(width_mult=cfg.width, num_classes=10, in_chans=1, small_input=True)
     rng = random.Random(0)
-    nets = {"none": "none", "local": "avgpool", "global": "strip", "random": None, "pmpl": None}
     out: Dict[str, float] = {}
     for variant in cfg.variants:
-        enhancer = nets[variant]
         if variant == "random":
             model = mobilenet_v2("random", candidates=TABLE3_ENHANCERS, seed=0, **kw)
         elif variant == "pmpl":
             model = mobilenet_v2([rng.choice(cfg.candidates) for _ in range(17)], **kw)
         else:
-            model = mobilenet_v2(enhancer, **kw)
+            model = mobilenet_v2(_FIXED_ENHANCER[variant], **kw)
         model.to(memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
 

@@ -246,10 +246,10 @@ def render_markdown(results: Dict[str, Any], interpretation: Optional[str] = Non
     for v, s in summary.items():
         n = len(s["top1"])
         macs = f"{s['macs'] / 1e6:.2f}M" if s["macs"] else ""
-        rows.append((labels[v], n, _pm(s["top1_mean"], s["top1_std"], n), _pm(s["top5_mean"], s["top5_std"], n),
+        rows.append((labels[v], results["descriptions"][v], n, _pm(s["top1_mean"], s["top1_std"], n), _pm(s["top5_mean"], s["top5_std"], n),
                      ", ".join(f"{x:.2f}" for x in s["top1"]), f"{s['params']:,.0f}", macs,
                      f"{s['retrain_seconds'] / 60:.1f}"))
-    lines += _md_table(("variant", "seeds", "top-1 % (mean ± std)", "top-5 % (mean ± std)", "top-1 per seed",
+    lines += _md_table(("variant", "enhancers", "seeds", "top-1 % (mean ± std)", "top-5 % (mean ± std)", "top-1 per seed",
                         "params", "MACs", "retrain min/seed"), rows)
     lines += ["", f"Paper (ImageNet, Table 3): No 72.3 / Local 73.2 / Global 73.9 / Random 73.4 / PMPL 74.6.", ""]
     lines += ["## Reading (generated from the numbers)", ""]
