@@ -64,11 +64,12 @@ def test_reading_separates_only_differences_beyond_the_seed_spread():
 def test_layer_choices_counts_agreement_and_deep_strip():
     sizes = [28] * 3 + [14] * 3 + [7] * 7 + [4] * 4
     g0 = ["skip"] * 6 + ["strip"] * 11
-    g1 = ["avg3"] * 6 + ["strip"] * 10 + ["max3"]
+    g1 = ["avg3"] * 6 + ["strip"] * 10 + ["max5"]
     info = report.layer_choices([_run("pmpl", 0, 1.0, g0), _run("pmpl", 1, 1.0, g1)], "pmpl", sizes)
     assert info["agree_layers"] == list(range(6, 16))
     assert info["deep_layers"] == list(range(6, 17))
     assert info["strip_deep"] == (21, 22) and info["strip_shallow"] == (0, 12)
+    assert info["wide_deep"] == (1, 22)
 
 
 def test_scaled_alpha_lr_keeps_the_papers_random_walk():
@@ -206,3 +207,28 @@ def test_progress_prints_lines_not_frames_when_not_a_terminal(capsys):
     assert list(progress(range(5), "eval", every=None)) == list(range(5))
     assert list(progress(range(500), "off", enabled=False)) == list(range(500))
     assert capsys.readouterr().out == ""
+
+
+def test_estimate_adds_up_every_run(tmp_path):
+    cfg = tiny(tmp_path, variants=("none", "pmpl"), batch_size=4, seeds=(0, 1, 2), retrain_epochs=2, test_subset=40)
+    plan = ablation.Plan(retrain_steps_per_epoch=10, search_steps_per_epoch=5, search_epochs=3, alpha_lr=0.01,
+                         map_sizes=[])
+    steps = ablation.measure_step_seconds(cfg, steps=1)
+    assert set(steps) == {"none", "pmpl", "search"} and all(v > 0 for v in steps.values())
+    fake = {"none": 1.0, "pmpl": 2.0, "search": 5.0}
+    est = ablation.estimate(cfg, plan, fake)
+    retrain = (1.0 + 2.0) * 2 * 10 * 3
+    evals = (1.0 + 2.0) * 0.35 * 40 / 4 * 3
+    assert est["hours_measured"] * 3600 == pytest.approx(retrain + evals + 5.0 * 15 * 3)
+    assert est["hours_at_goal"] * 3600 == pytest.approx(retrain + evals + 2 * 1.3 * 1.0 * 15 * 3)
+
+
+def test_cli_help_lists_the_budget_knobs(capsys):
+    from metapool_kernels.pmpl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["ablation", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--budget", "--estimate", "--retrain-epochs", "--search-epochs", "--seeds", "--report", "--out"):
+        assert flag in out

@@ -278,7 +278,20 @@ def run_one(cfg: AblationConfig, plan: Plan, variant: str, seed: int, log=print)
     return {"variant": variant, "seed": seed, "name": label, "genotype": genotype, "top1": res.top1,
             "top5": res.top5, "loss": res.loss, "train_acc": res.train_acc, "params": res.params, "macs": res.macs,
             "epochs": res.epochs, "retrain_steps": res.epochs * plan.retrain_steps_per_epoch,
-            "retrain_seconds": sum(h.get("seconds", 0.0) for h in res.history), "search": search_info}
+            "retrain_seconds": sum(h.get("seconds", 0.0) for h in res.history), "search": search_info,
+            "device": cfg.device, "threads": torch.get_num_threads(), "cpu": cpu_model()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,9 +384,11 @@ def write_report(cfg: AblationConfig, plan: Plan, log=None) -> Dict[str, Any]:
     summary = report.summarize(runs, cfg.variants)
     labels = {k: v[0] for k, v in VARIANTS.items()}
     total_seconds = sum(r["retrain_seconds"] + ((r.get("search") or {}).get("seconds") or 0.0) for r in runs)
+    where = sorted({f"{r.get('cpu')}, {r.get('threads')} thread(s)" if r.get("device") == "cpu" else str(r.get("device"))
+                    for r in runs})
     lines = budget_lines(cfg, plan) + [
-        f"Compute: {total_seconds / 3600:.2f} h of training and search for the runs so far "
-        f"({platform.processor() or platform.machine()}, torch {torch.__version__}, device {cfg.device}).",
+        f"Compute: {total_seconds / 3600:.2f} h of training and search for the runs so far, on "
+        f"{'; '.join(where) or 'nothing yet'} (torch {torch.__version__}).",
         "Nothing was tuned on the test set: every setting above was fixed before the runs.",
     ]
     results = {

@@ -136,12 +136,17 @@ def layer_choices(runs: Sequence[Dict[str, Any]], variant: str, map_sizes: Seque
     info: Dict[str, Any] = {"seeds": [r["seed"] for r in mine], "genotypes": genotypes, "agree_layers": agree,
                             "deep_layers": deep, "shallow_layers": shallow,
                             "strip_deep": share("strip", deep), "strip_shallow": share("strip", shallow)}
+    # On the small maps of the deep blocks a 5x5 and a 7x7 window both cover most of the map.
+    wide = ("avg5", "avg7", "max5", "max7")
+    info["wide_deep"] = (sum(g[i] in wide for g in genotypes for i in deep), len(deep) * len(genotypes))
     searches = [r.get("search") for r in mine]
     if all(searches):
         info["fixed_by_eq4"] = [len(s["fix_events"]) for s in searches]
         info["fixed_layers"] = [sorted(e["layer"] for e in s["fix_events"]) for s in searches]
         info["chosen_prob"] = [s["probs"] for s in searches]
         info["candidates"] = searches[0]["candidates"]
+        argmax_probs = [s["probs"][i] for s in searches for i in s["argmax_layers"]]
+        info["argmax_prob_mean"] = statistics.fmean(argmax_probs) if argmax_probs else None
     return info
 
 
@@ -209,6 +214,10 @@ def reading(summary, comparisons, choices, random_choices, labels) -> List[str]:
             lines.append(f"- Eq. 4 fixed {', '.join(map(str, choices['fixed_by_eq4']))} of {n_layers} layers in the "
                          f"PMPL searches (seeds {', '.join(map(str, choices['seeds']))}); the others were decided by "
                          f"the argmax of π at the end of the search.")
+            if choices.get("argmax_prob_mean") is not None:
+                n_ops = len(choices["candidates"])
+                lines.append(f"- Where the argmax decided, π of the chosen op averaged {choices['argmax_prob_mean']:.3f} "
+                             f"(uniform over {n_ops} ops: {1 / n_ops:.3f}).")
         if n_seeds > 1:
             n_ops = len(choices.get("candidates") or []) or 8
             chance = n_layers / n_ops ** (n_seeds - 1)
@@ -221,6 +230,11 @@ def reading(summary, comparisons, choices, random_choices, labels) -> List[str]:
             lines.append(f"- PMPL chose strip in {sd} of {nd} deep-layer slots (the blocks on the two smallest maps: "
                          f"{_span(choices['deep_layers'])}) and in {ss} of {ns} shallow-layer slots "
                          f"({_span(choices['shallow_layers'])}); the paper saw deeper layers prefer strip.")
+        wd, nwd = choices["wide_deep"]
+        if nwd:
+            lines.append(f"- {wd} of {nwd} deep-layer choices are avg5/avg7/max5/max7; on maps of 7×7 and smaller a "
+                         f"5×5 and a 7×7 window cover most of the map, so these pairs compute nearly the same thing and "
+                         f"Eq. 4's margin between them is small.")
     if random_choices:
         lines.append(f"- The Random draws (from skip / avg3 / strip) put strip in "
                      f"{random_choices['strip_deep'][0]} of {random_choices['strip_deep'][1]} deep-layer slots.")
