@@ -32,7 +32,7 @@ from .pmpl.train import TrainConfig, accuracy_table, result_row, run_train
 ABLATION_REPORT = Path(__file__).resolve().parent.parent / "bench" / "results" / "ablation"
 
 PROFILES: Dict[str, Dict[str, Any]] = {
-    # 2 CPU cores: 6 to 8 minutes.
+    # 2 idle CPU cores: about 5 minutes (8 on one core; much longer when other jobs share the cores).
     "cpu": dict(subset=10240, test_subset=5000, width=0.35, batch_size=64, search_epochs=1, retrain_epochs=1,
                 retrain_subset=19200, alpha_lr=0.08, rho=0.1),
     # One GPU: the whole training set, more epochs, still minutes.
