@@ -18,12 +18,13 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: all venv deps data build test test-fast demo bench bench-report clean help
+.PHONY: all venv deps data build test test-fast demo ablation bench bench-report clean help
 
 all: test
 
 help:
 	@echo "make demo   - PMPL demo on Fashion-MNIST (sets everything up)"
+	@echo "make ablation - the paper's Table 3 on Fashion-MNIST, 3 seeds (about 3 h; resumable)"
 	@echo "make test   - the test suite (sets everything up)"
 	@echo "make bench  - latency suites into bench/results/"
 
@@ -51,6 +52,10 @@ test: build data
 
 demo: build data
 	$(PY) -m metapool_kernels.demo
+
+# The paper's Table 3 on Fashion-MNIST with three seeds (about 3 h on 2 cores; run again to resume).
+ablation: build data
+	$(PY) -m metapool_kernels.pmpl ablation --report bench/results/ablation
 
 # Every suite on the device present (CUDA if torch sees one), one JSON into bench/results/, then
 # bench/RESULTS.md from all of them. Knobs: BENCH_SCOPE=smoke|quick|default|full, BENCH_THREADS (1; 0: torch's),

@@ -454,10 +454,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     summary = demo.main(profile="tiny", out_dir=tmp_path)
     out = capsys.readouterr().out
     assert "Genotype" in out and "Accuracy" in out and "alpha_history.png" in out
+    assert "What it cannot show: which enhancer is better" in out and "ablation" in out
     assert Path(summary["plot"]).is_file() and Path(summary["genotype"]).is_file()
     assert len(summary["genotype_ops"]) == 17
     rows = {r["name"]: r for r in summary["results"]}
-    assert len(rows) == 2
+    assert list(rows) == ["MobileNetV2 + PMPL genotype", "MobileNetV2 + Random genotype", "MobileNetV2 (no enhancer)"]
     derived = summary["results"][0]
     again = run_eval(str(derived["checkpoint"]), test_subset=summary["test_subset"], progress=False,
                      device="cpu", log=lambda *a: None)

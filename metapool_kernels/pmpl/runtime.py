@@ -503,13 +503,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 def evaluate(model: nn.Module, loader, env: DistEnv, progress: bool = False, desc: str = "eval",
              fmt: torch.memory_format = torch.contiguous_format) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed across processes."""
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
 
     was_training = model.training
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
     try:
-        for x, y in tqdm(loader, desc=desc, leave=False, disable=not (progress and env.is_main), dynamic_ncols=True):
+        for x, y in progress_bar(loader, desc, enabled=progress and env.is_main, every=None):
             logits = model(x.contiguous(memory_format=fmt))
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             k = min(5, logits.shape[1])

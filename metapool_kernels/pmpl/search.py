@@ -37,6 +37,7 @@ from ..reference import MetaPooling
 from . import runtime
 from .checks import BELOW_ONE, FLAG, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_UNIT, POSITIVE, POSITIVE_INT, UP_TO_ONE, Rule
 from .data import DataBundle
+from .progress import progress
 from .report import genotype_table, plot_alpha_history
 
 
@@ -391,8 +392,6 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
             if env.distributed:
                 net = wrap_ddp(model, env)
 
-    from tqdm.auto import tqdm
-
     epochs_run = 0
     while not state.done and state.epoch < cfg.epochs:
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
@@ -403,8 +402,7 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
         meta_iter, meta_cycle = iter(data.meta), 0
         sums = {"loss_tr": 0.0, "acc_tr": 0.0, "loss_mt": 0.0, "acc_mt": 0.0, "n": 0}
         t_epoch = time.perf_counter()
-        bar = tqdm(data.train, desc=f"search {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.progress and env.is_main))
+        bar = progress(data.train, f"search {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and env.is_main)
         for batch_tr in bar:
             try:
                 batch_mt = next(meta_iter)

@@ -22,6 +22,7 @@ from torch import nn
 from . import runtime
 from .checks import BELOW_ONE, NON_NEGATIVE_INT, PATH, POSITIVE_INT, TEXT, Rule
 from .data import DataBundle, build_data
+from .progress import progress
 from .report import format_table
 
 
@@ -145,8 +146,6 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
         ids = [env.device.index] if env.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    from tqdm.auto import tqdm
-
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     metrics: Dict[str, float] = history[-1].get("test", {}) if history else {}
     if not {"top1", "top5", "loss"} <= metrics.keys():  # evaluated at the end instead
@@ -157,8 +156,7 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
         data.train.set_epoch(epoch)
         t_epoch = time.perf_counter()
         loss_sum = correct = seen = 0.0
-        bar = tqdm(data.train, desc=f"{name} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.progress and env.is_main))
+        bar = progress(data.train, f"{name} {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and env.is_main)
         for step, (x, y) in enumerate(bar, start=1):
             logits = net(x.contiguous(memory_format=fmt))
             loss = crit(logits, y)
