@@ -1,9 +1,11 @@
-"""FusedMetaPooling on its CPU backends ("cpu", "torch", "auto") against MetaPooling and the
-independent float64 implementation; state_dict compatibility; backend selection and its errors."""
+"""FusedMetaPooling on its CPU backends ("auto": the op's C++ kernels; "torch": the reference)
+against MetaPooling and the independent float64 implementation; state_dict compatibility; backend
+selection and its errors."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import independent as ind
 from helpers import (DEVICES, PARAM_GRAD_MULT, TOL, X_GRAD_MULT, assert_rel_close, randn, to_layout)
@@ -11,7 +13,7 @@ from metapool_kernels import FusedMetaPooling, MetaPooling, modules
 from metapool_kernels.reference import PAPER_CANDIDATES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-CPU_BACKENDS = ["cpu", "torch", "auto"]
+CPU_BACKENDS = ["auto", "torch"]
 SHAPES = [(2, 3, 5, 4), (1, 2, 1, 1), (2, 4, 8, 9)]
 MODES = [None, "strip", "max7", "avg3", "skip"]
 SUBSETS = [("strip",), ("skip", "strip"), ("avg5", "max3"), ("strip", "max5", "avg7"),
@@ -93,30 +95,28 @@ def _check_backend(backend, dtype, fixed, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("fixed", MODES, ids=lambda m: m or "search")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_backend(dtype, fixed, shape):
-    _check_backend("cpu", dtype, fixed, shape)
+def test_auto_backend(dtype, fixed, shape):
+    _check_backend("auto", dtype, fixed, shape)
 
 
-# "auto" resolves to the same kernels as "cpu" on CPU tensors and "torch" is MetaPooling's own
-# forward: a lighter sweep shows both are wired to the right numbers.
+# "torch" is MetaPooling's own forward: a lighter sweep shows it is wired to the right numbers.
 @pytest.mark.parametrize("fixed", [None, "strip"], ids=lambda m: m or "search")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_auto_and_torch_backends(backend, dtype, fixed):
-    _check_backend(backend, dtype, fixed, SHAPES[0])
+def test_torch_backend(dtype, fixed):
+    _check_backend("torch", dtype, fixed, SHAPES[0])
 
 
 @pytest.mark.parametrize("candidates", SUBSETS, ids="+".join)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_subsets_cpu_backend(dtype, candidates):
+def test_subsets_auto_backend(dtype, candidates):
     seed = SUBSETS.index(candidates)
-    ref, fused = make_pair(3, candidates, backend="cpu", seed=seed, dtype=dtype)
+    ref, fused = make_pair(3, candidates, backend="auto", seed=seed, dtype=dtype)
     x, go = randn((2, 3, 6, 7), seed, dtype), randn((2, 3, 6, 7), seed + 1, dtype)
     compare(fused, ref, x, go, TOL[dtype], "+".join(candidates))
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
-@pytest.mark.parametrize("backend", ["cpu", "auto"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_layouts(backend, layout):
     ref, fused = make_pair(4, backend=backend, seed=3)
     x, go = randn((2, 4, 6, 5), 30), randn((2, 4, 6, 5), 31)
@@ -157,61 +157,75 @@ def test_inputs_not_written(backend):
 # --------------------------------------------------------------------------------------------
 # Which kernels run.
 # --------------------------------------------------------------------------------------------
-def _count_strip_gate(monkeypatch):
-    calls = []
-    real = modules.ops.strip_gate
+class MetapoolOpRecorder(TorchDispatchMode):
+    """Records every metapool op that reaches the dispatcher, with its arguments."""
 
-    def counting(*args, **kw):
-        calls.append(args)
-        return real(*args, **kw)
+    def __init__(self):
+        super().__init__()
+        self.calls = []
 
-    monkeypatch.setattr(modules.ops, "strip_gate", counting)
-    return calls
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "metapool":
+            self.calls.append((func._schema.name, args))
+        return func(*args, **(kwargs or {}))
+
+    def names(self):
+        return [name for name, _ in self.calls]
 
 
-@pytest.mark.parametrize("backend,uses_cpp", [("cpu", True), ("auto", True), ("torch", False)])
-def test_backend_dispatch_on_cpu(backend, uses_cpp, monkeypatch):
-    calls = _count_strip_gate(monkeypatch)
-    _, fused = make_pair(3, backend=backend, seed=5)
-    fused(randn((1, 3, 4, 4), 50))
-    assert (len(calls) == 1) == uses_cpp, f"backend {backend!r}: C++ strip gate called {len(calls)} times"
+def run_recorded(layer, x):
+    """Forward and backward of ``layer`` on x, recording the metapool ops they dispatch."""
+    x = x.detach().requires_grad_(True)
+    with MetapoolOpRecorder() as rec:
+        out = layer(x)
+        out.sum().backward()
+    return out.detach(), rec
+
+
+@pytest.mark.parametrize("backend,uses_op", [("auto", True), ("torch", False)])
+def test_backend_dispatch_on_cpu(backend, uses_op):
+    """On CPU tensors "auto" runs metapool::meta_pool (its C++ kernels) forward and backward;
+    "torch" runs the reference's ATen ops and no metapool op."""
+    ref, fused = make_pair(3, backend=backend, seed=5)
+    x = randn((1, 3, 4, 4), 50)
+    out, rec = run_recorded(fused, x)
+    expected = ["metapool::meta_pool", "metapool::meta_pool_backward"] if uses_op else []
+    assert rec.names() == expected, f"backend {backend!r} dispatched {rec.names()}"
+    assert_rel_close(out, ref(x), TOL[torch.float32], f"backend {backend!r}")
 
 
 def test_env_selects_torch_backend(monkeypatch):
-    calls = _count_strip_gate(monkeypatch)
     ref, fused = make_pair(3, backend="auto", seed=6)
     monkeypatch.setenv("METAPOOL_BACKEND", " Torch ")
     x = randn((1, 3, 4, 4), 60)
-    assert_rel_close(fused(x), ref(x), TOL[torch.float32], "METAPOOL_BACKEND=torch")
-    assert not calls
+    out, rec = run_recorded(fused, x)
+    assert_rel_close(out, ref(x), TOL[torch.float32], "METAPOOL_BACKEND=torch")
+    assert rec.calls == []
 
 
-def test_env_does_not_override_explicit_backend(monkeypatch):
-    calls = _count_strip_gate(monkeypatch)
-    _, fused = make_pair(3, backend="cpu", seed=6)
-    monkeypatch.setenv("METAPOOL_BACKEND", "torch")
-    fused(randn((1, 3, 4, 4), 61))
-    assert len(calls) == 1
+@pytest.mark.parametrize("env", ["auto", "triton"])
+def test_env_does_not_override_explicit_backend(env, monkeypatch):
+    """METAPOOL_BACKEND only resolves "auto": an explicit "torch" stays the reference."""
+    _, fused = make_pair(3, backend="torch", seed=6)
+    monkeypatch.setenv("METAPOOL_BACKEND", env)
+    _, rec = run_recorded(fused, randn((1, 3, 4, 4), 61))
+    assert rec.calls == [], f"backend 'torch' with METAPOOL_BACKEND={env} dispatched {rec.names()}"
 
 
-def test_fixed_computes_only_that_op(monkeypatch):
-    seen = []
-    real = modules.local_op
-
-    def counting(name, x):
-        seen.append(name)
-        return real(name, x)
-
-    monkeypatch.setattr(modules, "local_op", counting)
-    calls = _count_strip_gate(monkeypatch)
-    _, fused = make_pair(3, backend="cpu", seed=7, fixed="max5")
-    fused(randn((1, 3, 4, 4), 70))
-    assert seen == ["max5"] and not calls
-    seen.clear()
-    _, fused = make_pair(3, backend="cpu", seed=7, fixed="strip")
-    fused(randn((1, 3, 4, 4), 71))
-    assert seen == [] and len(calls) == 1
-    assert calls[0][3] is None and calls[0][4] is None  # no base, no weight: strip alone, unweighted
+@pytest.mark.parametrize("fixed", PAPER_CANDIDATES)
+def test_fixed_computes_only_that_op(fixed):
+    """A fixed layer calls the op with its one candidate and no weights (nothing at all for skip)."""
+    _, fused = make_pair(3, backend="auto", seed=7, fixed=fixed)
+    x = randn((1, 3, 4, 4), 70)
+    _, rec = run_recorded(fused, x)
+    if fixed == "skip":
+        assert rec.calls == []
+        return
+    assert rec.names() == ["metapool::meta_pool", "metapool::meta_pool_backward"]
+    forward_args = rec.calls[0][1]
+    assert forward_args[-1] == fixed and forward_args[1] is None  # candidates, pi
+    gates = forward_args[2:6]
+    assert all(g is not None for g in gates) if fixed == "strip" else all(g is None for g in gates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +233,7 @@ def test_fixed_computes_only_that_op(monkeypatch):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("candidates", [PAPER_CANDIDATES, ("avg3", "max3")], ids=["paper", "local"])
 def test_state_dict_keys_and_cross_loading(candidates):
-    ref, fused = make_pair(4, candidates, backend="cpu", seed=8)
+    ref, fused = make_pair(4, candidates, backend="auto", seed=8)
     assert list(ref.state_dict()) == list(fused.state_dict())
     # Fused -> reference, with a fixed choice travelling along.
     fused.fix(candidates[-1])
@@ -258,13 +272,13 @@ def test_same_attributes_as_reference():
 # --------------------------------------------------------------------------------------------
 # Bad backends and bad input.
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["cuda", "Triton", "", None, "inductor"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "Triton", "", None, "inductor"])
 def test_bad_backend_name(backend):
     with pytest.raises(ValueError, match="backend"):
         FusedMetaPooling(3, backend=backend)
 
 
-@pytest.mark.parametrize("value", ["bogus", "gpu", "cuda"])
+@pytest.mark.parametrize("value", ["bogus", "gpu", "cuda", "cpu"])
 def test_bad_env_backend(value, monkeypatch):
     monkeypatch.setenv("METAPOOL_BACKEND", value)
     fused = FusedMetaPooling(3)
@@ -287,13 +301,6 @@ def test_env_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("METAPOOL_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         FusedMetaPooling(3)(randn((1, 3, 4, 4), 92))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cpu_backend_on_cuda_tensor():
-    fused = FusedMetaPooling(3, backend="cpu").cuda()
-    with pytest.raises(RuntimeError, match="CUDA"):
-        fused(torch.randn(1, 3, 4, 4, device="cuda"))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
