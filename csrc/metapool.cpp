@@ -174,14 +174,18 @@ MetaPoolArgs prepare_meta_pool(
 }
 
 TORCH_LIBRARY(metapool, m) {
-  // Fake kernels and autograd for these ops are registered in this Python package; torch imports
-  // it on demand when an op is traced without them. meta_pool's CUDA kernels are Triton, also
-  // registered there.
-  m.set_python_module("metapool_kernels.ops");
+  // Fake kernels and autograd for these ops are registered in this Python module; torch imports
+  // it on demand when an op is traced without them.
+  m.set_python_module("metapool_kernels.ops.strip_gate");
   m.def("strip_gate(Tensor x, Tensor g_h, Tensor g_w, Tensor? base=None, Tensor? weight=None) -> Tensor");
   m.def(
       "strip_gate_backward(Tensor grad, Tensor x, Tensor g_h, Tensor g_w, Tensor? weight=None) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_FRAGMENT(metapool, m) {
+  // meta_pool's fake kernels, autograd and Triton CUDA kernels are registered in this module.
+  m.set_python_module("metapool_kernels.ops.meta_pool");
   // candidates: comma-joined op names; pi: their weights, None for a fixed layer (one op, no
   // weight); returns (out, z_h, z_w), z the strip means ((N, C, 0) without 'strip').
   m.def(
