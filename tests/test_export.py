@@ -297,14 +297,17 @@ def write_checkpoint(path, kind: str = "train"):
     """A retrain checkpoint of the small derived network on Fashion-MNIST."""
     import dataclasses
 
-    from metapool_kernels.pmpl.runtime import model_config, save_checkpoint
+    from metapool_kernels.pmpl.runtime import CHECKPOINT_ENTRIES, CHECKPOINT_VERSION, model_config, save_checkpoint
     from metapool_kernels.pmpl.train import TrainConfig
 
     config = model_config(ALL_OPS_GENOTYPE, width_mult=0.35, num_classes=10, in_chans=1, small_input=True,
                           candidates=PAPER_CANDIDATES, seed=0)
     model = small_derived_network()
-    save_checkpoint({"kind": kind, "version": 1, "config": dataclasses.asdict(TrainConfig()), "model_config": config,
-                     "model": model.state_dict()}, path)
+    # Export reads the model alone; the training state a checkpoint also holds is left empty.
+    state = {name: (types[0] if isinstance(types, tuple) else types)() for name, types in CHECKPOINT_ENTRIES[kind].items()}
+    state.update(kind=kind, version=CHECKPOINT_VERSION, config=dataclasses.asdict(TrainConfig()),
+                 model_config=config, model=model.state_dict())
+    save_checkpoint(state, path)
     return path
 
 
