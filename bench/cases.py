@@ -26,6 +26,13 @@ from .common import (DTYPES, MBV2_FEATURE_SHAPES, TimingConfig, device_name, fir
 
 FIXED_OPS: Tuple[str, ...] = PAPER_CANDIDATES
 OP_MODES = ("fwd", "fwd+bwd")
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+# The CPU op matrix: one MobileNetV2-1.0 feature map per resolution (112² to 7²), the widest where a
+# resolution has two, so every resolution is covered at a quarter less compilation than all seven.
+CPU_FEATURE_SHAPES: Tuple[Tuple[int, int, int], ...] = (
+    (16, 112, 112), (24, 56, 56), (32, 28, 28), (96, 14, 14), (320, 7, 7),
+)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -51,25 +58,28 @@ class OpCase:
     dtype: str                        # key of common.DTYPES
     shape: Tuple[int, int, int, int]  # (N, C, H, W)
     compile: bool = False             # also time torch.compile(reference)
+    memory_format: str = "contiguous"  # or "channels_last": the layout of x (and grad_out)
 
     @property
     def id(self) -> str:
         n, c, h, w = self.shape
-        return f"{self.op}-{self.mode}-{self.dtype}-b{n}-{c}x{h}x{w}"
+        layout = "-cl" if self.memory_format == "channels_last" else ""
+        return f"{self.op}-{self.mode}-{self.dtype}-b{n}-{c}x{h}x{w}{layout}"
 
 
 def op_cases(device: str, scope: str) -> List[OpCase]:
     """The op matrix. On CUDA: every MobileNetV2-1.0 feature shape at batch 1, 32 and 128, float32 and
     bfloat16, search mode and every fixed op, forward and forward+backward. torch.compile costs a
     compilation per case, so it runs on search mode at the largest batch unless the scope is full.
-    On the CPU: batch 1 (and 2 for search mode) of the smaller feature maps."""
+    On the CPU (see CPU_FEATURE_SHAPES): search mode forward and forward+backward, every fixed op
+    forward, at batch 1 and 8, contiguous and channels_last, float32, each beside torch.compile."""
     ops_all = ("search",) + FIXED_OPS
     cases: List[OpCase] = []
 
-    def add(shapes, batches, dtypes, op_list, compile_if):
-        for op, dtype, (c, h, w), n, mode in itertools.product(op_list, dtypes, shapes, batches, OP_MODES):
-            case = OpCase(op, mode, dtype, (n, c, h, w))
-            cases.append(OpCase(op, mode, dtype, (n, c, h, w), compile=compile_if(case)))
+    def add(shapes, batches, dtypes, op_list, compile_if, modes=OP_MODES, formats=("contiguous",)):
+        for op, dtype, (c, h, w), n, mode, fmt in itertools.product(op_list, dtypes, shapes, batches, modes, formats):
+            case = OpCase(op, mode, dtype, (n, c, h, w), memory_format=fmt)
+            cases.append(OpCase(op, mode, dtype, (n, c, h, w), compile=compile_if(case), memory_format=fmt))
 
     if scope == "smoke":
         add([(8, 9, 10)], [1], ["float32"], ("search", "max7", "strip"), lambda c: False)
@@ -84,16 +94,21 @@ def op_cases(device: str, scope: str) -> List[OpCase]:
             add(MBV2_FEATURE_SHAPES, [1, 32, 128], ["float32", "bfloat16"], ops_all,
                 lambda c: full or (c.op == "search" and c.shape[0] == 128))
         return cases
-    small = [s for s in MBV2_FEATURE_SHAPES if s[1] <= 28]
+    formats = ("contiguous", "channels_last")
+    always = lambda c: True  # noqa: E731  (every CPU case is timed beside torch.compile)
     if scope == "quick":
-        add([(64, 14, 14), (320, 7, 7)], [1], ["float32"], ops_all, lambda c: False)
-        add([(64, 14, 14), (320, 7, 7)], [1], ["bfloat16"], ("search",), lambda c: False)
+        shapes = [(24, 56, 56), (320, 7, 7)]
+        add(shapes, [1, 8], ["float32"], ("search",), always, formats=formats)
+        add(shapes, [8], ["float32"], FIXED_OPS, always, modes=("fwd",), formats=formats)
     elif scope == "full":
-        add(MBV2_FEATURE_SHAPES, [1, 2], ["float32", "bfloat16"], ops_all, lambda c: True)
+        add(MBV2_FEATURE_SHAPES, [1, 8], ["float32", "bfloat16"], ops_all, always, formats=formats)
     else:
-        add(small, [1], ["float32"], ops_all, lambda c: False)
-        add(small, [2], ["float32"], ("search",), lambda c: False)
-        add(small, [1], ["bfloat16"], ("search",), lambda c: False)
+        # Compiling search mode's forward+backward graph takes inductor one to two minutes on a 2-core
+        # machine, per shape, layout and thread count; it is compiled in channels_last, the layout
+        # the search trainer uses on the CPU (the full scope compiles both layouts).
+        add(CPU_FEATURE_SHAPES, [1, 8], ["float32"], ("search",),
+            lambda c: c.mode == "fwd" or c.memory_format == "channels_last", formats=formats)
+        add(CPU_FEATURE_SHAPES, [1, 8], ["float32"], FIXED_OPS, always, modes=("fwd",), formats=formats)
     return cases
 
 
@@ -140,6 +155,35 @@ def _op_runner(layer, xs, grads_out, mode: str) -> Callable[[], Any]:
     return fwd_bwd
 
 
+def op_inputs(case: OpCase, device: str, sets: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """``sets`` inputs x in the case's layout (requiring grad for fwd+bwd) and as many grad_out."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    fmt = MEMORY_FORMATS[case.memory_format]
+
+    def tensor():
+        return torch.randn(case.shape, device=device, dtype=DTYPES[case.dtype], generator=gen
+                           ).contiguous(memory_format=fmt)
+    xs = [tensor() for _ in range(sets)]
+    grads_out = []
+    if case.mode == "fwd+bwd":
+        xs = [x.requires_grad_(True) for x in xs]
+        grads_out = [tensor() for _ in range(sets)]
+    return xs, grads_out
+
+
+def op_variant_fn(case: OpCase, provider: str, device: str, *, sets: int = 2, compile_backend: str = "inductor",
+                  fused_backend: str = "auto") -> Callable[[], Any]:
+    """One call of one variant ("fused", "eager" or "compile") of a case, as the op suite times it."""
+    xs, grads_out = op_inputs(case, device, sets)
+    ref, fused = make_layers(case.op, case.shape[1], device, fused_backend)
+    if provider == "compile":
+        torch._dynamo.reset()
+        layer = torch.compile(ref, dynamic=False, backend=compile_backend)
+    else:
+        layer = {"fused": fused, "eager": ref}[provider]
+    return _op_runner(layer, xs, grads_out, case.mode)
+
+
 def run_op_case(case: OpCase, device: str, timing: TimingConfig, copy_gbps: Optional[float], *,
                 fused_backend: str = "auto", compile_backend: str = "inductor",
                 buffers: Optional[int] = None, repeat: bool = True) -> List[Dict[str, Any]]:
@@ -151,16 +195,12 @@ def run_op_case(case: OpCase, device: str, timing: TimingConfig, copy_gbps: Opti
     k, floor_label = floor_factor(case.op, case.mode)
     set_bytes = x_bytes * (2 if case.mode == "fwd+bwd" else 1)
     nbuf = buffers or rotation_count(set_bytes, device)
-    gen = torch.Generator(device=device).manual_seed(1234)
-    xs = [torch.randn(case.shape, device=device, dtype=dtype, generator=gen) for _ in range(nbuf)]
-    grads_out = []
-    if case.mode == "fwd+bwd":
-        xs = [x.requires_grad_(True) for x in xs]
-        grads_out = [torch.randn(case.shape, device=device, dtype=dtype, generator=gen) for _ in range(nbuf)]
+    xs, grads_out = op_inputs(case, device, nbuf)
     ref, fused = make_layers(case.op, c, device, fused_backend)
     base = {
         "suite": "ops", "device": device, "device_name": device_name(device), "op": case.op, "mode": case.mode,
         "dtype": case.dtype, "shape": list(case.shape), "batch": n, "chw": [c, h, w], "x_bytes": x_bytes,
+        "memory_format": case.memory_format,
         "floor_factor": k, "floor": floor_label, "floor_bytes": k * x_bytes, "buffers": nbuf,
         "case": case.id,
     }
@@ -222,8 +262,11 @@ class BenchError(RuntimeError):
 def strip_gate_cases(scope: str) -> List[Tuple[Tuple[int, int, int, int], str, str]]:
     if scope == "smoke":
         return [((1, 8, 9, 10), "float32", m) for m in OP_MODES]
-    shapes = MBV2_FEATURE_SHAPES if scope != "quick" else ((32, 28, 28), (320, 7, 7))
-    dtypes = ("float32", "bfloat16") if scope != "quick" else ("float32",)
+    # The op suite's `strip` rows time the same kernel inside the layer; this suite keeps the op alone
+    # at the largest and the smallest feature map (every shape in the full scope).
+    shapes = {"quick": ((32, 28, 28), (320, 7, 7)), "full": MBV2_FEATURE_SHAPES}.get(
+        scope, (CPU_FEATURE_SHAPES[0], CPU_FEATURE_SHAPES[-1]))
+    dtypes = ("float32", "bfloat16") if scope == "full" else ("float32",)
     return [((1,) + s, d, m) for s in shapes for d in dtypes for m in OP_MODES]
 
 
@@ -311,6 +354,12 @@ class ModelVariant:
     enhancer: Any          # an enhancer name or a genotype (tuple of op names)
     fused: bool
     table: int             # 1: the paper's Table 1 (pooling); 4: Table 4 (attention baselines)
+    compiled: bool = False  # run under torch.compile (a fresh compilation per setting)
+
+    @property
+    def baseline(self) -> str:
+        """The plain-network variant this one's overhead is measured against."""
+        return "skip-compiled" if self.compiled else "skip"
 
 
 def model_variants(genotype: Optional[Sequence[str]] = None) -> List[ModelVariant]:
@@ -335,15 +384,27 @@ def model_variants(genotype: Optional[Sequence[str]] = None) -> List[ModelVarian
     ]
 
 
+def cpu_model_variants(genotype: Optional[Sequence[str]] = None) -> List[ModelVariant]:
+    """The CPU's model rows below the full scope: plain and derived MobileNetV2, eager and under
+    torch.compile, each family bracketed by its plain network timed first and again last."""
+    g = tuple(genotype) if genotype is not None else DERIVED_GENOTYPE
+    return [
+        ModelVariant("skip", "Skip (plain MobileNetV2)", "none", True, 1),
+        ModelVariant("derived-eager", "Meta-Pooling derived, eager", g, False, 1),
+        ModelVariant("derived-fused", "Meta-Pooling derived, fused", g, True, 1),
+        ModelVariant("skip-compiled", "Skip (plain MobileNetV2), torch.compile", "none", True, 1, compiled=True),
+        ModelVariant("derived-fused-compiled", "Meta-Pooling derived, fused, torch.compile", g, True, 1, compiled=True),
+        ModelVariant("skip-compiled-again", "Skip, torch.compile, timed again last", "none", True, 1, compiled=True),
+        ModelVariant("skip-again", "Skip, timed again last", "none", True, 1),
+    ]
+
+
 @dataclass(frozen=True)
 class ModelSetting:
     batch: int
     dtype: str
     resolution: int
     memory_format: str     # "contiguous" or "channels_last"
-
-
-MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def model_settings(device: str, scope: str) -> List[ModelSetting]:
@@ -385,9 +446,29 @@ def _fused_backend_of(device: str) -> str:
     return resolve_backend("auto", probe)
 
 
+def model_inference_fn(model, variant: ModelVariant, s: ModelSetting, device: str,
+                       compile_backend: str = "inductor") -> Callable[[], Any]:
+    """One inference call (no_grad) of a copy of ``model`` in the setting's dtype and layout; a
+    compiled variant is compiled afresh (on its first call), in this run's thread count."""
+    fmt = MEMORY_FORMATS[s.memory_format]
+    m = copy.deepcopy(model).to(device=device, dtype=DTYPES[s.dtype], memory_format=fmt)
+    gen = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn((s.batch, 3, s.resolution, s.resolution), device=device, dtype=DTYPES[s.dtype],
+                    generator=gen).contiguous(memory_format=fmt)
+    if variant.compiled:
+        torch._dynamo.reset()
+        m = torch.compile(m, backend=compile_backend)
+
+    def fn():
+        with torch.no_grad():
+            return m(x)
+    return fn
+
+
 def run_model_case(variant: ModelVariant, device: str, settings: Sequence[ModelSetting], timing: TimingConfig,
-                   *, macs_resolution: Optional[int] = 224) -> List[Dict[str, Any]]:
-    """Inference latency (eval, no_grad) of one model at each setting, with params and MACs."""
+                   *, macs_resolution: Optional[int] = 224, compile_backend: str = "inductor") -> List[Dict[str, Any]]:
+    """Inference latency (eval, no_grad) of one model at each setting, with params and MACs; a
+    compiled variant is compiled afresh per setting and its first (compiling) call is timed apart."""
     from metapool_kernels.models import count_params
     model = build_model(variant).eval()
     params = count_params(model)
@@ -401,17 +482,13 @@ def run_model_case(variant: ModelVariant, device: str, settings: Sequence[ModelS
                "impl": (f"FusedMetaPooling -> {_fused_backend_of(device)!r}" if variant.fused else "MetaPooling (eager)")
                if enhancer in ("maxpool", "avgpool", "meta", "genotype") else "timm / torchvision modules",
                "batch": s.batch, "dtype": s.dtype, "resolution": s.resolution, "memory_format": s.memory_format,
-               "params": params, "macs": macs, "macs_resolution": macs_resolution}
+               "params": params, "macs": macs, "macs_resolution": macs_resolution, "compiled": variant.compiled,
+               "baseline": variant.baseline}
         try:
-            fmt = MEMORY_FORMATS[s.memory_format]
-            m = copy.deepcopy(model).to(device=device, dtype=DTYPES[s.dtype], memory_format=fmt)
-            gen = torch.Generator(device=device).manual_seed(3)
-            x = torch.randn((s.batch, 3, s.resolution, s.resolution), device=device, dtype=DTYPES[s.dtype],
-                            generator=gen).contiguous(memory_format=fmt)
-
-            def fn():
-                with torch.no_grad():
-                    return m(x)
+            fn = model_inference_fn(model, variant, s, device, compile_backend)
+            if variant.compiled:
+                row["impl"] += f", torch.compile(backend={compile_backend!r})"
+                row["compile_s"] = first_call_seconds(fn, device)
             t = measure(fn, device, timing)
             row.update(t.as_row())
             row["images_per_s"] = s.batch / (t.median_ms * 1e-3)
@@ -454,54 +531,61 @@ def train_setting(device: str, scope: str) -> TrainSetting:
     return TrainSetting(16, 64, 10, False, fmt)
 
 
-def run_train_case(key: str, device: str, setting: TrainSetting, timing: TimingConfig) -> List[Dict[str, Any]]:
-    from metapool_kernels.models import alpha_parameters, count_params, mobilenet_v2, weight_parameters
+def train_step_fn(key: str, device: str, setting: TrainSetting) -> Tuple[Callable[[], Any], torch.nn.Module]:
+    """(one training step of the variant, its model), on fixed random batches."""
+    from metapool_kernels.models import alpha_parameters, mobilenet_v2, weight_parameters
     from metapool_kernels.pmpl.search import SearchConfig, alphas_frozen, bilevel_step, meta_layers
 
-    label = dict(TRAIN_VARIANTS)[key]
     cfg = SearchConfig()  # the trainer's defaults: SGD and Adam settings of the paper's §3.1
     fmt = MEMORY_FORMATS[setting.memory_format]
+    torch.manual_seed(0)
+    enhancer = "none" if key == "plain" else "meta"
+    model = mobilenet_v2(enhancer, fused=key != "search-eager", num_classes=setting.num_classes,
+                         small_input=setting.small_input).to(device=device, memory_format=fmt).train()
+    gen = torch.Generator(device=device).manual_seed(5)
+
+    def batch():
+        x = torch.randn((setting.batch, 3, setting.resolution, setting.resolution), device=device,
+                        generator=gen).contiguous(memory_format=fmt)
+        y = torch.randint(0, setting.num_classes, (setting.batch,), device=device, generator=gen)
+        return x, y
+
+    b_tr, b_mt = batch(), batch()
+    layers = meta_layers(model)
+    if key.startswith("search"):
+        alphas, weights = alpha_parameters(model), weight_parameters(model)
+        w_opt = torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        a_opt = torch.optim.Adam(alphas, lr=cfg.alpha_lr, betas=cfg.alpha_betas, weight_decay=cfg.alpha_weight_decay)
+
+        def step():
+            return bilevel_step(model, model, layers, weights, w_opt, a_opt, b_tr, b_mt, lr=cfg.lr)
+        return step, model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if key == "supernet-sgd-fused":
+        params = weight_parameters(model)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    x, y = b_tr
+
+    def sgd_step():
+        opt.zero_grad(set_to_none=True)
+        with alphas_frozen(layers):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        opt.step()
+        return loss
+    return sgd_step, model
+
+
+def run_train_case(key: str, device: str, setting: TrainSetting, timing: TimingConfig) -> List[Dict[str, Any]]:
+    from metapool_kernels.models import count_params
+
+    label = dict(TRAIN_VARIANTS)[key]
     row = {"suite": "train", "device": device, "device_name": device_name(device), "variant": key, "label": label,
            "batch": setting.batch, "resolution": setting.resolution, "num_classes": setting.num_classes,
            "small_input": setting.small_input, "memory_format": setting.memory_format, "dtype": "float32"}
     try:
-        torch.manual_seed(0)
-        enhancer = "none" if key == "plain" else "meta"
-        model = mobilenet_v2(enhancer, fused=key != "search-eager", num_classes=setting.num_classes,
-                             small_input=setting.small_input).to(device=device, memory_format=fmt).train()
+        step, model = train_step_fn(key, device, setting)
         row["params"] = count_params(model)
-        gen = torch.Generator(device=device).manual_seed(5)
-
-        def batch():
-            x = torch.randn((setting.batch, 3, setting.resolution, setting.resolution), device=device,
-                            generator=gen).contiguous(memory_format=fmt)
-            y = torch.randint(0, setting.num_classes, (setting.batch,), device=device, generator=gen)
-            return x, y
-
-        b_tr, b_mt = batch(), batch()
-        if key.startswith("search"):
-            layers = meta_layers(model)
-            alphas, weights = alpha_parameters(model), weight_parameters(model)
-            w_opt = torch.optim.SGD(weights, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            a_opt = torch.optim.Adam(alphas, lr=cfg.alpha_lr, betas=cfg.alpha_betas, weight_decay=cfg.alpha_weight_decay)
-
-            def step():
-                return bilevel_step(model, model, layers, weights, w_opt, a_opt, b_tr, b_mt, lr=cfg.lr)
-        else:
-            layers = meta_layers(model)
-            params = [p for p in model.parameters() if p.requires_grad]
-            if key == "supernet-sgd-fused":
-                params = weight_parameters(model)
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-            x, y = b_tr
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                with alphas_frozen(layers):
-                    loss = F.cross_entropy(model(x), y)
-                    loss.backward()
-                opt.step()
-                return loss
         t = measure(step, device, timing)
         row.update(t.as_row())
         row["images_per_s"] = setting.batch / (t.median_ms * 1e-3)

@@ -139,6 +139,23 @@ def environment(device: str, scope: str, command: Optional[str] = None) -> Dict[
     return env
 
 
+def parse_threads(spec: str) -> List[int]:
+    """CPU thread counts from "1", "all", "0" (torch's default) or a comma-separated list of them."""
+    counts = []
+    for part in str(spec).replace(" ", "").split(","):
+        if part == "all":
+            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        elif part.isdigit():
+            n = int(part) or torch.get_num_threads()
+        else:
+            raise ValueError(f"BENCH_THREADS: {part!r} is not a thread count (a number, 'all' or 0) in {spec!r}")
+        if n not in counts:
+            counts.append(n)
+    if not counts:
+        raise ValueError(f"BENCH_THREADS: no thread count in {spec!r}")
+    return counts
+
+
 def _loadavg() -> Optional[List[float]]:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -169,7 +186,8 @@ ONCE = TimingConfig(warmup_ms=0, rep_ms=0, min_reps=1, max_reps=1)
 # they get a floor on the number of calls rather than a long time budget.
 TIMING: Dict[Tuple[str, str], TimingConfig] = {
     ("ops", "cuda"): TimingConfig(warmup_ms=10, rep_ms=50, min_reps=10, max_reps=500, flush_l2=True),
-    ("ops", "cpu"): TimingConfig(warmup_ms=20, rep_ms=150, min_reps=5, max_reps=200),
+    # Short on the CPU: 200 cases per thread count, each with four variants and a compilation.
+    ("ops", "cpu"): TimingConfig(warmup_ms=5, rep_ms=40, min_reps=5, max_reps=100, estimate_calls=1),
     ("model", "cuda"): TimingConfig(warmup_ms=100, rep_ms=300, min_reps=10, max_reps=200),
     ("model", "cpu"): TimingConfig(warmup_ms=300, rep_ms=600, min_reps=3, max_reps=50, estimate_calls=1),
     ("train", "cuda"): TimingConfig(warmup_ms=300, rep_ms=1000, min_reps=5, max_reps=50),
@@ -345,6 +363,12 @@ class Results:
 
     def add(self, rows: Iterable[Dict[str, Any]]) -> None:
         self.rows.extend(rows)
+
+    def sample_load(self) -> None:
+        """Keep the highest 1-minute load average seen so far (sampled before each test)."""
+        load = _loadavg()
+        if load and load[0] > (self.env.get("loadavg_peak") or [0.0])[0]:
+            self.env["loadavg_peak"] = load
 
     def to_json(self) -> Dict[str, Any]:
         env = dict(self.env)

@@ -3,7 +3,9 @@
 Options (each also read from an environment variable, which is how `make bench` passes them):
   --bench-scope    smoke | quick | default | full   (BENCH_SCOPE, default "default")
   --bench-device   auto | cpu | cuda                (BENCH_DEVICE, default "auto": CUDA when present)
-  --bench-threads  CPU threads (BENCH_THREADS, default 1; 0 = torch's default)
+  --bench-threads  CPU thread counts, comma-separated (BENCH_THREADS, default "1,all"): a number,
+                   "all" (every core this process may use) or 0 (torch's default); with several,
+                   every CPU test runs once per count (ids end in -t1, -t2, ...)
   --bench-out      folder for the result JSON       (BENCH_OUT, default bench/results)
   --bench-genotype genotype JSON for the derived rows (BENCH_GENOTYPE; default cases.DERIVED_GENOTYPE)
   --bench-compile-backend  torch.compile backend    (BENCH_COMPILE_BACKEND, default "inductor")
@@ -13,14 +15,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import pytest
 import torch
 
-from .cases import (BenchError, DEPLOY_RUNTIMES, model_variants, op_cases, strip_gate_cases, TRAIN_VARIANTS)
+from .cases import (BenchError, DEPLOY_RUNTIMES, cpu_model_variants, model_variants, op_cases, strip_gate_cases,
+                    TRAIN_VARIANTS)
 from .common import (ONCE, RESULTS_DIR, SCOPES, TIMING, Results, TimingConfig, copy_bandwidth, device_name,
-                     environment)
+                     environment, parse_threads)
+
+# Tests whose rows are CPU rows whatever the main device is; with several thread counts they run once per count.
+CPU_ONLY_PARAMS = ("strip_gate_case", "cpu_model_variant", "deploy_runtime", "cpu_profile_goal")
 
 
 def pytest_addoption(parser):
@@ -28,11 +34,10 @@ def pytest_addoption(parser):
     g.addoption("--bench-scope", default=os.environ.get("BENCH_SCOPE") or "default", choices=SCOPES,
                 help="how much of the matrix to run (default: %(default)s)")
     g.addoption("--bench-device", default=os.environ.get("BENCH_DEVICE") or "auto", choices=("auto", "cpu", "cuda"))
-    # One thread by default: reproducible on shared machines, where a multi-threaded run measures the
-    # neighbours (see README.md). 0 keeps torch's default.
-    threads = os.environ.get("BENCH_THREADS")
-    g.addoption("--bench-threads", type=int, default=int(threads) if threads not in (None, "") else 1,
-                help="torch.set_num_threads for the CPU rows (default 1; 0 keeps torch's default)")
+    # One thread and every core by default: the single-thread rows are the reproducible ones on a
+    # shared machine, where a multi-threaded run also measures the neighbours (see README.md).
+    g.addoption("--bench-threads", default=os.environ.get("BENCH_THREADS") or "1,all",
+                help="CPU thread counts, e.g. 1 | all | 0 (torch's default) | 1,all (default %(default)s)")
     g.addoption("--bench-out", default=os.environ.get("BENCH_OUT") or str(RESULTS_DIR))
     g.addoption("--bench-genotype", default=os.environ.get("BENCH_GENOTYPE") or None,
                 help="genotype JSON (metapool_kernels.models.save_genotype) for the derived-network rows")
@@ -48,9 +53,8 @@ class BenchRun:
         if want == "cuda" and not torch.cuda.is_available():
             raise pytest.UsageError("--bench-device=cuda but torch sees no CUDA device")
         self.device: str = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
-        threads = config.getoption("bench_threads")
-        if threads:
-            torch.set_num_threads(threads)
+        self.thread_counts: List[int] = parse_threads(config.getoption("bench_threads"))
+        torch.set_num_threads(self.thread_counts[0])
         if self.device == "cuda":
             # Model latency with cuDNN's own algorithm choice, as a deployment would run.
             torch.backends.cudnn.benchmark = True
@@ -63,6 +67,7 @@ class BenchRun:
             from metapool_kernels.models import check_genotype, load_genotype
             self.genotype = check_genotype(load_genotype(genotype_path))
         self.results = Results(environment(self.device, self.scope))
+        self.results.env["thread_counts"] = self.thread_counts
         if genotype_path:
             self.results.env["genotype_file"] = str(genotype_path)
         self.results.env["benchmark_disabled"] = self.disabled
@@ -110,22 +115,39 @@ def bench(request) -> BenchRun:
     return _run_state(request.config)
 
 
+@pytest.fixture(autouse=True)
+def bench_threads(request):
+    """torch's CPU thread count for this test: its parameter when the run has several counts."""
+    s = _run_state(request.config)
+    n = getattr(request, "param", None)
+    if n is not None:
+        torch.set_num_threads(n)
+    s.results.sample_load()
+    return torch.get_num_threads()
+
+
 def pytest_generate_tests(metafunc):
     names = metafunc.fixturenames
-    if not any(n in names for n in ("op_case", "model_variant", "train_key", "strip_gate_case", "cpu_model_variant",
-                                    "deploy_runtime")):
+    if not any(n in names for n in ("op_case", "model_variant", "train_key", "cpu_profile_goal") + CPU_ONLY_PARAMS):
         return
     s = _run_state(metafunc.config)
+    if len(s.thread_counts) > 1 and (s.device == "cpu" or any(n in names for n in CPU_ONLY_PARAMS)):
+        # First, so it varies slowest: every case at the first count, then every case at the next.
+        metafunc.parametrize("bench_threads", s.thread_counts, ids=[f"t{n}" for n in s.thread_counts],
+                             indirect=True)
     if "op_case" in names:
         cases = op_cases(s.device, s.scope)
         metafunc.parametrize("op_case", cases, ids=[c.id for c in cases])
     if "model_variant" in names:
-        variants = model_variants(s.genotype)
+        variants = (cpu_model_variants(s.genotype) if s.device == "cpu" and s.scope != "full"
+                    else model_variants(s.genotype))
         metafunc.parametrize("model_variant", variants, ids=[v.key for v in variants])
     if "cpu_model_variant" in names:
-        variants = [v for v in model_variants(s.genotype)
-                    if v.key in ("skip", "derived-eager", "derived-fused", "skip-again")]
+        variants = cpu_model_variants(s.genotype)
         metafunc.parametrize("cpu_model_variant", variants, ids=[v.key for v in variants])
+    if "cpu_profile_goal" in names:
+        from .cpu_goals import GOAL_KEYS
+        metafunc.parametrize("cpu_profile_goal", GOAL_KEYS)
     if "train_key" in names:
         metafunc.parametrize("train_key", [k for k, _ in TRAIN_VARIANTS])
     if "deploy_runtime" in names:

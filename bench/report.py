@@ -17,6 +17,7 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from . import cpu_goals
 from .common import RESULTS_DIR, load_results
 
 OUT_FILE = Path(__file__).resolve().parent / "RESULTS.md"
@@ -115,8 +116,10 @@ def geomean(values: Sequence[float]) -> Optional[float]:
 def row_key(r: Dict[str, Any]) -> Tuple:
     s = r.get("suite")
     if s == "ops":
-        return (s, r.get("op"), r.get("mode"), r.get("dtype"), tuple(r.get("shape") or ()), r.get("provider"),
-                r.get("repeat", 0))
+        return (s, r.get("op"), r.get("mode"), r.get("dtype"), tuple(r.get("shape") or ()),
+                r.get("memory_format", "contiguous"), r.get("provider"), r.get("repeat", 0))
+    if s == "profile":
+        return (s, r.get("goal"), r.get("variant"))
     if s == "strip_gate":
         return (s, r.get("mode"), r.get("dtype"), tuple(r.get("shape") or ()), r.get("provider"), r.get("repeat", 0))
     if s == "model":
@@ -175,22 +178,26 @@ def runs_section(d: Device, runs: Sequence[Dict[str, Any]]) -> str:
     for run in d.runs:
         e = run["env"]
         c = (run.get("copy") or {}).get(d.name)
-        load = e.get("loadavg_start")
+        threads = ", ".join(str(t) for t in e.get("thread_counts") or [e.get("threads")])
         rows.append([f"`{run['file']}`", e.get("date"), f"`{e.get('command')}`", e.get("scope"),
                      e.get("torch"), e.get("triton") or "—",
-                     e.get("threads") if d.kind == "cpu" else (e.get("cuda") or {}).get("capability", "—"),
-                     num(c["gbps"]) if c else "—",
-                     ", ".join(str(v) for v in load) if load else "—",
+                     threads if d.kind == "cpu" else (e.get("cuda") or {}).get("capability", "—"),
+                     num(c["gbps"]) if c else "—", _load_text(e),
                      f"{(e.get('git_commit') or '?')[:10]}{' +local changes' if e.get('git_dirty') else ''}"])
     head = ["file", "date (UTC)", "command", "scope", "torch", "triton",
-            "threads" if d.kind == "cpu" else "compute capability", "copy GB/s", "load avg (1/5/15 min) at start",
-            "commit"]
+            "threads" if d.kind == "cpu" else "compute capability", "copy GB/s",
+            "load avg, 1 min: start / peak / end", "commit"]
     out = [table(head, rows, "l" * len(head))]
     if d.copy:
         out.append(f"\nCopy bandwidth: `y.copy_(x)` on {num(d.copy['bytes'] / 2**20)} MiB of float32, "
                    f"{num(d.copy['gbps'])} GB/s counting bytes read plus written ({d.copy.get('method', '')}). "
                    "Every “% copy” below is against the copy bandwidth of the row's own run.")
     return "\n".join(out)
+
+
+def _load_text(env: Dict[str, Any]) -> str:
+    vals = [env.get(k) for k in ("loadavg_start", "loadavg_peak", "loadavg_end")]
+    return " / ".join(f"{v[0]:.2f}" if v else "—" for v in vals)
 
 
 def _fused_pairs(d: Device, op: str, mode: str) -> Dict[Tuple, Dict[str, Dict[str, Any]]]:
@@ -209,10 +216,12 @@ def _med(rs: Dict[str, Dict[str, Any]], key: str) -> Optional[float]:
 
 
 def goals_section(d: Device) -> str:
+    """The goals of the device's kind: the CPU goals (cpu_goals.py) or the GPU path's goals."""
+    return cpu_goals_section(d) if d.kind == "cpu" else gpu_goals_section(d)
+
+
+def gpu_goals_section(d: Device) -> str:
     parts: List[str] = []
-    if d.kind == "cpu":
-        parts.append("_The goals are set for the GPU path. On this CPU they are evaluated on the rows this "
-                     "device has, for completeness; “not measured” means the rows needed are absent here._\n")
 
     def verdict(ok: Optional[bool], missed: str = "") -> str:
         if ok is None:
@@ -324,6 +333,73 @@ def goals_section(d: Device) -> str:
     return "\n".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------
+# CPU goals (cpu_goals.py), each missed one with its reason and this run's profile.
+# ---------------------------------------------------------------------------------------------
+def one_run_rows(d: Device) -> List[Dict[str, Any]]:
+    """Per suite, the device's rows from the newest run that measured that suite, so every goal's
+    ratio compares rows of one run."""
+    newest: Dict[str, int] = {}
+    for r in d.rows.values():
+        newest[r["suite"]] = max(newest.get(r["suite"], -1), r["_run"])
+    return [r for r in d.rows.values() if r["_run"] == newest[r["suite"]]]
+
+
+def cpu_goals_section(d: Device) -> str:
+    rows = one_run_rows(d)
+    checks = cpu_goals.evaluate(rows)
+    body = []
+    for c in checks:
+        status = c.status
+        if c.unresolved:
+            status += (f" ({len(c.unresolved)} setting(s) not resolved — the plain network timed twice differs by "
+                       f"≥ {cpu_goals.DERIVED_OVERHEAD_PCT:g}%: {', '.join(c.unresolved)})")
+        body.append((c.name, c.measured, status))
+    parts = [table(["goal", "measured (this run)", "status"], body, "lll"),
+             "\nEach ratio compares rows of one run at this thread count; “worst” is the row that decides the goal."]
+    known = load_reasons()
+    profiles = [r for r in rows if r["suite"] == "profile"]
+    for c in checks:
+        if c.ok is False:
+            parts.append(f"\n**{c.name}: missed.**\n\n{reason_for(known, d.name, c.name)}")
+            prof = profile_table([r for r in profiles if r["goal"] == c.key])
+            if prof:
+                parts.append("\n" + prof)
+    return "\n".join(parts)
+
+
+def profile_table(rows: Sequence[Dict[str, Any]], top: int = 6) -> str:
+    """The profiled variants side by side: self CPU ms per iteration of each one's top operators."""
+    if not rows:
+        return ""
+    t = rows[0]["target"]
+    if t["kind"] == "op":
+        fmt = ", channels_last" if t["memory_format"] == "channels_last" else ""
+        where = f"`{t['op']}` {t['mode']}, {t['dtype']}, {shape_str(t['shape'])}{fmt}"
+    elif t["kind"] == "model":
+        where = f"batch {t['batch']}, {t['resolution']} px, {t['memory_format']}, inference"
+    else:
+        where = f"batch {t['batch']}, {t['resolution']} px, {t['memory_format']}, one training step"
+    names: List[str] = []
+    for r in rows:
+        for e in r["top"][:top]:
+            if e["name"] not in names:
+                names.append(e["name"])
+    head = ["operator (self CPU ms per iteration)"] + [f"{r['variant']}" for r in rows]
+    body = []
+    for n in names:
+        line = [f"`{n}`"]
+        for r in rows:
+            e = next((e for e in r["top"] if e["name"] == n), None)
+            line.append(f"{num(e['self_ms'])} ({e['pct']:.0f}%)" if e else "·")
+        body.append(line)
+    body.append(["**all operators, self CPU**"] + [f"**{num(r['self_ms_per_iter'])}**" for r in rows])
+    body.append(["wall ms per iteration (profiled)"] + [num(r["wall_ms_per_iter"]) for r in rows])
+    iters = ", ".join(f"{r['variant']} {r['iters']}" for r in rows)
+    return (f"torch.profiler, this run, {where}, {rows[0].get('threads', '?')} thread(s); iterations: {iters}. "
+            "“·”: not among that variant's top operators.\n\n" + table(head, body))
+
+
 def _setting_label(r: Dict[str, Any]) -> str:
     fmt = ", channels_last" if r.get("memory_format") == "channels_last" else ""
     return f"b{r['batch']} {r['dtype']} {r['resolution']}px{fmt}"
@@ -367,28 +443,38 @@ def ops_section(d: Device) -> str:
                 groups = defaultdict(dict)
                 for r in rows:
                     if r["dtype"] == dtype and r["mode"] == mode and r["op"] in ops_here:
-                        groups[(r["op"], tuple(r["shape"]))][r["provider"] + ("#2" if r.get("repeat") else "")] = r
+                        key = (r["op"], tuple(r["shape"]), r.get("memory_format", "contiguous"))
+                        groups[key][r["provider"] + ("#2" if r.get("repeat") else "")] = r
                 if not groups:
                     continue
                 has_compile = any("compile" in g for g in groups.values())
-                head = ["op", "N×C×H×W", "floor", "fused ms", "2nd", "eager ms"] + (["compile ms"] if has_compile else []) + \
-                       ["fused GB/s", "% copy", "× eager"] + (["× compile"] if has_compile else []) + ["err"]
+                has_layouts = len({k[2] for k in groups}) > 1
+                head = (["op", "N×C×H×W"] + (["layout"] if has_layouts else []) +
+                        ["floor", "fused ms", "2nd", "eager ms"] + (["compile ms"] if has_compile else []) +
+                        ["fused GB/s", "% copy"] + (["compile % copy"] if has_compile else []) +
+                        ["× eager"] + (["× compile"] if has_compile else []) + ["err"])
                 body = []
-                for (op, shape) in sorted(groups, key=lambda k: (OP_ORDER.index(k[0]), k[1][1:], k[1][0])):
-                    g = groups[(op, shape)]
+                for key in sorted(groups, key=lambda k: (OP_ORDER.index(k[0]), k[2] != "contiguous", k[1][1:], k[1][0])):
+                    op, shape, layout = key
+                    g = groups[key]
                     f = g.get("fused", {})
-                    line = [f"`{op}`", shape_str(shape), _floor(f),
-                            num(_med(g, "fused")), num(_med(g, "fused#2")), num(_med(g, "eager"))]
+                    line = [f"`{op}`", shape_str(shape)] + (["CL" if layout == "channels_last" else "NCHW"]
+                                                            if has_layouts else [])
+                    line += [_floor(f), num(_med(g, "fused")), num(_med(g, "fused#2")), num(_med(g, "eager"))]
                     if has_compile:
                         line.append(num(_med(g, "compile")))
-                    line += [num(f.get("gbps")), pct(f.get("pct_copy")), times(ratio(_med(g, "eager"), _med(g, "fused")))]
+                    line += [num(f.get("gbps")), pct(f.get("pct_copy"))]
+                    if has_compile:
+                        line.append(pct(g.get("compile", {}).get("pct_copy")))
+                    line.append(times(ratio(_med(g, "eager"), _med(g, "fused"))))
                     if has_compile:
                         line.append(times(ratio(_med(g, "compile"), _med(g, "fused"))))
                     line.append(f"{f['rel_err']:.1e}" if f.get("rel_err") is not None else "—")
                     body.append(line)
                 title = (f"#### Search mode (all 8 candidates), {dtype}, {mode}" if search
                          else f"Fixed ops, {dtype}, {mode}")
-                tbl = table(head, body, "lll" + "r" * (len(head) - 3))
+                fixed_cols = 4 if has_layouts else 3
+                tbl = table(head, body, "l" * fixed_cols + "r" * (len(head) - fixed_cols))
                 if search:
                     out.append(f"\n{title}\n\n{tbl}")
                 else:
@@ -414,7 +500,8 @@ def _floor(row: Dict[str, Any]) -> str:
 def _all_groups(rows):
     groups = defaultdict(dict)
     for r in rows:
-        groups[(r["op"], r["mode"], r["dtype"], tuple(r["shape"]))][r["provider"] + ("#2" if r.get("repeat") else "")] = r
+        key = (r["op"], r["mode"], r["dtype"], tuple(r["shape"]), r.get("memory_format", "contiguous"))
+        groups[key][r["provider"] + ("#2" if r.get("repeat") else "")] = r
     return groups.values()
 
 
@@ -440,13 +527,13 @@ def model_section(d: Device, which: int) -> str:
         by_variant[r["variant"]][k] = r
         info.setdefault(r["variant"], r)
     settings = _settings(rows)
-    base = by_variant.get("skip", {})
+    compiled = ("skip-compiled", "derived-fused-compiled", "skip-compiled-again")
     if which == 1:
         order = [v for v in ("skip", "maxpool-eager", "maxpool-fused", "avgpool-eager", "avgpool-fused",
-                             "meta-search-eager", "meta-search-fused", "derived-eager", "derived-fused", "skip-again")
-                 if v in by_variant]
+                             "meta-search-eager", "meta-search-fused", "derived-eager", "derived-fused") + compiled
+                 + ("skip-again",) if v in by_variant]
     elif which == 0:
-        order = [v for v in ("skip", "derived-eager", "derived-fused", "skip-again") if v in by_variant]
+        order = [v for v in ("skip", "derived-eager", "derived-fused") + compiled + ("skip-again",) if v in by_variant]
         settings = [s for s in settings if s[0] == 1]
     else:
         order = [v for v in TABLE4_ORDER if v in by_variant]
@@ -460,12 +547,15 @@ def model_section(d: Device, which: int) -> str:
     body = []
     for v in order:
         r0 = info[v]
+        # Compiled networks are compared with the compiled plain network, eager ones with the eager one.
+        base_key = r0.get("baseline", "skip")
+        base = by_variant.get(base_key, {})
         line = [r0["label"], f"{r0['params'] / 1e6:.3f}M", num(r0["macs"] / 1e6, 4) if r0.get("macs") else "—"]
         for s in settings:
             r = by_variant[v].get(s)
             b = base.get(s)
             line.append(num(r["median_ms"]) if r else "—")
-            line.append(pct(100.0 * (r["median_ms"] / b["median_ms"] - 1.0), True) if (r and b and v != "skip") else "—")
+            line.append(pct(100.0 * (r["median_ms"] / b["median_ms"] - 1.0), True) if (r and b and v != base_key) else "—")
         if which in (1, 4):
             paper = (PAPER_TABLE1 if which == 1 else PAPER_TABLE4).get(v)
             line.append(" / ".join(paper) if paper else "")
@@ -482,7 +572,8 @@ def model_section(d: Device, which: int) -> str:
                      "`torch.utils.flop_counter` on the eager build (convolutions, linear layers and matmuls; "
                      "pooling and gating multiply no weights and are not counted).")
     notes.append("Latency: inference (`eval()`, `torch.no_grad()`), median ms per forward of one batch; "
-                 "“vs Skip” is the overhead against plain MobileNetV2 in the same setting; CL = channels_last. "
+                 "“vs Skip” is the overhead against plain MobileNetV2 in the same setting (a torch.compile row "
+                 "against the compiled plain network); CL = channels_last. "
                  "“Skip, timed again last” is plain MobileNetV2 measured once more after every other model: its "
                  "“vs Skip” is the run's noise, and overheads smaller than it are not resolved. "
                  "The paper's numbers come from its authors' eager implementation on their own hardware.")
@@ -577,6 +668,9 @@ def render(runs: Sequence[Dict[str, Any]], source: str = "bench/results") -> str
         out.append("_No results yet: run `make bench`._")
         return "\n".join(out) + "\n"
     out.append("Devices: " + ", ".join(f"[{d.name}](#{_anchor(d.name)})" for d in devices) + "\n")
+    machine = cpu_machine_note(runs)
+    if machine:
+        out.append(machine + "\n")
     for d in devices:
         out.append(f"## {d.name}\n")
         out.append("### Runs\n\n" + runs_section(d, runs) + "\n")
@@ -593,6 +687,41 @@ def render(runs: Sequence[Dict[str, Any]], source: str = "bench/results") -> str
             if body:
                 out.append(f"### {title}\n\n{body}\n")
     return "\n".join(out)
+
+
+SHARED_LOAD = 1.0
+
+
+def cpu_machine_note(runs: Sequence[Dict[str, Any]]) -> str:
+    """The CPU machine, the thread counts its runs used, and whether other work shared it: a
+    1-minute load average above 1 at a run's start (before the run loads the machine), or above the
+    run's own thread count plus 1 at its peak or end."""
+    cpu_runs = [r for r in runs if r["env"].get("device") == "cpu" and any(x.get("device") == "cpu" for x in r["rows"])]
+    if not cpu_runs:
+        return ""
+    lines = []
+    for host in sorted({r["env"].get("host_cpu") for r in cpu_runs}):
+        mine = [r for r in cpu_runs if r["env"].get("host_cpu") == host]
+        cores = sorted({str(r["env"].get("cpu_count")) for r in mine})
+        counts = sorted({t for r in mine for t in (r["env"].get("thread_counts") or [r["env"].get("threads")])})
+        shared = []
+        for r in mine:
+            e = r["env"]
+            own = max(e.get("thread_counts") or [e.get("threads") or 1])
+            start = (e.get("loadavg_start") or [0])[0]
+            later = max((e.get(k) or [0])[0] for k in ("loadavg_peak", "loadavg_end"))
+            if start > SHARED_LOAD or later > own + SHARED_LOAD:
+                shared.append(f"`{r['file']}` (load {_load_text(e)})")
+        note = (f"**CPU machine:** {host}, {', '.join(cores)} cores; thread counts measured: "
+                f"{', '.join(str(c) for c in counts)}.")
+        if shared:
+            note += (" **The machine was shared with other work during " + ", ".join(shared) + "** (1-minute load "
+                     "average start / peak / end; above 1 at the start, or above the run's own thread count + 1 "
+                     "later): its timings include that contention, and the noise lines below say how much.")
+        else:
+            note += " No other load was seen during its runs (1-minute load average ≤ 1 besides the run's own threads)."
+        lines.append(note)
+    return "\n\n".join(lines)
 
 
 def _anchor(text: str) -> str:

@@ -17,4 +17,5 @@ def test_cpu_model(bench, cpu_model_variant):
         pytest.skip("the model suite already runs on the CPU in this run")
     settings = model_settings("cpu", bench.scope)
     bench.run("model", cpu_model_variant.key, run_model_case, cpu_model_variant, "cpu", settings,
-              bench.timing("model", "cpu"), macs_resolution=32 if bench.scope == "smoke" else 224)
+              bench.timing("model", "cpu"), macs_resolution=32 if bench.scope == "smoke" else 224,
+              compile_backend=bench.compile_backend)

@@ -7,7 +7,8 @@ from .cases import model_settings, run_model_case, run_train_case, train_setting
 def test_model(bench, model_variant):
     settings = model_settings(bench.device, bench.scope)
     bench.run("model", model_variant.key, run_model_case, model_variant, bench.device, settings,
-              bench.timing("model"), macs_resolution=32 if bench.scope == "smoke" else 224)
+              bench.timing("model"), macs_resolution=32 if bench.scope == "smoke" else 224,
+              compile_backend=bench.compile_backend)
 
 
 def test_train_step(bench, train_key):

@@ -78,7 +78,12 @@ def test_case_matrices():
     compiled = [c for c in cuda if c.compile]
     assert len(compiled) == 7 * 2 * 2 and all(c.op == "search" and c.shape[0] == 128 for c in compiled)
     cpu = cases.op_cases("cpu", "default")
-    assert cpu and all(c.shape[0] <= 2 and not c.compile for c in cpu)
+    assert len(cpu) == (2 + len(cases.FIXED_OPS)) * 5 * 2 * 2
+    uncompiled = {(c.op, c.mode, c.memory_format) for c in cpu if not c.compile}
+    assert uncompiled == {("search", "fwd+bwd", "contiguous")}  # the costliest graph: channels_last only
+    assert {c.shape[0] for c in cpu} == {1, 8} and {c.memory_format for c in cpu} == {"contiguous", "channels_last"}
+    assert {c.shape[2] for c in cpu} == {112, 56, 28, 14, 7}
+    assert {(c.op, c.mode) for c in cpu if c.op != "search"} == {(op, "fwd") for op in cases.FIXED_OPS}
     assert len({c.id for c in cuda}) == len(cuda) and len({c.id for c in cpu}) == len(cpu)
     assert len(cases.model_settings("cuda", "default")) == 4
     assert cases.train_setting("cuda", "default").batch == 128
@@ -92,13 +97,18 @@ def cpu_rows():
     for op, mode in (("search", "fwd+bwd"), ("max5", "fwd"), ("skip", "fwd+bwd"), ("strip", "fwd+bwd")):
         rows += cases.run_op_case(cases.OpCase(op, mode, "float32", TINY), "cpu", ONCE, copy_gbps=10.0)
     rows += cases.run_op_case(cases.OpCase("search", "fwd", "bfloat16", TINY), "cpu", ONCE, copy_gbps=10.0)
+    rows += cases.run_op_case(cases.OpCase("max5", "fwd", "float32", TINY, compile=True, memory_format="channels_last"),
+                              "cpu", ONCE, copy_gbps=10.0, compile_backend="eager")
     rows += cases.run_strip_gate_case(TINY, "float32", "fwd+bwd", "cpu", ONCE, copy_gbps=10.0)
     variants = {v.key: v for v in cases.model_variants()}
     setting = [cases.ModelSetting(1, "float32", 32, "channels_last")]
     for key in ("skip", "derived-fused", "se", "skip-again"):
         rows += cases.run_model_case(variants[key], "cpu", setting, ONCE, macs_resolution=32)
+    compiled = {v.key: v for v in cases.cpu_model_variants() if v.compiled}
+    for key in ("skip-compiled", "derived-fused-compiled"):  # dynamo with its eager backend: no code generation
+        rows += cases.run_model_case(compiled[key], "cpu", setting, ONCE, macs_resolution=None, compile_backend="eager")
     small = cases.train_setting("cpu", "smoke")
-    for key in ("plain", "search-fused"):
+    for key in ("plain", "search-fused", "supernet-sgd-fused"):
         rows += cases.run_train_case(key, "cpu", small, ONCE)
     return rows
 
@@ -106,7 +116,9 @@ def cpu_rows():
 def test_cpu_helpers_produce_rows(cpu_rows):
     assert not [r for r in cpu_rows if r.get("error")]
     ops = [r for r in cpu_rows if r["suite"] == "ops"]
-    assert {r["provider"] for r in ops} == {"fused", "eager"}
+    assert {r["provider"] for r in ops} == {"fused", "eager", "compile"}
+    cl = [r for r in ops if r["memory_format"] == "channels_last"]
+    assert {r["provider"] for r in cl} == {"fused", "eager", "compile"} and all(r["op"] == "max5" for r in cl)
     search = next(r for r in ops if r["op"] == "search" and r["provider"] == "fused" and not r["repeat"]
                   and r["mode"] == "fwd+bwd")
     assert search["floor_bytes"] == 6 * search["x_bytes"] and search["rel_err"] < 1e-5
@@ -114,7 +126,9 @@ def test_cpu_helpers_produce_rows(cpu_rows):
     assert all(r["gbps"] is None for r in ops if r["op"] == "skip")
     derived = next(r for r in cpu_rows if r.get("variant") == "derived-fused")
     assert derived["params"] == 3_550_457 and derived["genotype"] == list(cases.DERIVED_GENOTYPE)
-    assert {r["variant"] for r in cpu_rows if r["suite"] == "train"} == {"plain", "search-fused"}
+    assert {r["variant"] for r in cpu_rows if r["suite"] == "train"} == {"plain", "search-fused", "supernet-sgd-fused"}
+    comp = next(r for r in cpu_rows if r.get("variant") == "derived-fused-compiled")
+    assert comp["compiled"] and comp["baseline"] == "skip-compiled" and comp["compile_s"] > 0
 
 
 def test_compile_variant_runs():
@@ -149,6 +163,8 @@ def synthetic_cuda_rows(cpu_rows):
         if r["suite"] == "strip_gate":
             continue  # CPU-only suite
         if r["suite"] == "ops":
+            if r["provider"] == "compile" or r.get("memory_format") == "channels_last":
+                continue  # CPU-only rows; the GPU's compile rows are made below
             for batch in (1, 128):
                 s = dict(r, shape=[batch] + r["shape"][1:], batch=batch, x_bytes=r["x_bytes"] * batch,
                          floor_bytes=r["floor_bytes"] * batch)
@@ -162,6 +178,8 @@ def synthetic_cuda_rows(cpu_rows):
                     rows.append(dict(s, provider="compile", impl="torch.compile(...)", median_ms=ms * 1.5,
                                      compile_s=12.0))
         elif r["suite"] == "model":
+            if r.get("compiled"):
+                continue
             for batch in (1, 128):
                 for dtype in ("float32", "bfloat16"):
                     ms = 5.0 * batch * (1.03 if r["variant"] == "derived-fused" else 1.4 if r["variant"] == "se" else 1.0)
@@ -233,3 +251,92 @@ def test_deploy_suite_rows_and_report(tmp_path):
     section = text[text.index("### Deployment: ONNX Runtime vs PyTorch eager vs torch.compile"):]
     assert "ONNX Runtime (CPUExecutionProvider)" in section and "PyTorch eager (FusedMetaPooling)" in section
     assert " ".join(cases.DERIVED_GENOTYPE) in section
+
+
+def test_parse_threads():
+    assert common.parse_threads("1") == [1]
+    assert common.parse_threads("1, all") == [1, len(os.sched_getaffinity(0))] or len(os.sched_getaffinity(0)) == 1
+    assert common.parse_threads("0") == [torch.get_num_threads()]
+    assert common.parse_threads("2,2") == [2]
+    with pytest.raises(ValueError, match="not a thread count"):
+        common.parse_threads("1,many")
+
+
+def _op_row(op, mode, shape, fmt, provider, ms, pct=None):
+    n = shape[0] * shape[1] * shape[2] * shape[3] * 4
+    return {"suite": "ops", "device": "cpu", "device_name": "Test CPU (1 thread)", "op": op, "mode": mode,
+            "dtype": "float32", "shape": list(shape), "batch": shape[0], "memory_format": fmt, "provider": provider,
+            "repeat": 0, "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "x_bytes": n, "floor_factor": 2,
+            "floor": "2|x|", "floor_bytes": 2 * n, "gbps": None if pct is None else pct / 10.0, "pct_copy": pct}
+
+
+def synthetic_cpu_goal_rows():
+    """One CPU run's rows with made-up times: the search speedup over compile (2.5×) and one fixed op
+    (0.9× of compile) miss, the bandwidth floor is met at the largest shapes only, the compiled
+    derived network is 8% over plain, the supernet step is met."""
+    rows = []
+    for fmt in ("contiguous", "channels_last"):
+        for shape in ((1, 16, 112, 112), (8, 16, 112, 112), (8, 24, 56, 56), (8, 320, 7, 7)):
+            for mode, eager, comp in (("fwd+bwd", 25.0, 2.5), ("fwd", 30.0, 4.0)):
+                rows += [_op_row("search", mode, shape, fmt, "fused", 1.0), _op_row("search", mode, shape, fmt, "eager", eager),
+                         _op_row("search", mode, shape, fmt, "compile", comp)]
+            small = shape[2] == 7
+            for op in ("max5", "avg3"):
+                slow = op == "avg3" and small and fmt == "channels_last"
+                rows += [_op_row(op, "fwd", shape, fmt, "fused", 1.0, 40.0 if small else 60.0),
+                         _op_row(op, "fwd", shape, fmt, "compile", 0.9 if slow else 2.0)]
+    for variant, fmt, ms in (("skip", "contiguous", 10.0), ("derived-fused", "contiguous", 10.3),
+                             ("skip-again", "contiguous", 10.1), ("skip-compiled", "contiguous", 8.0),
+                             ("derived-fused-compiled", "contiguous", 8.64), ("skip-compiled-again", "contiguous", 8.1)):
+        rows.append({"suite": "model", "device": "cpu", "device_name": "Test CPU (1 thread)", "variant": variant,
+                     "label": variant, "table": 1, "batch": 1, "dtype": "float32", "resolution": 224,
+                     "memory_format": fmt, "params": 1, "macs": None, "median_ms": ms, "p20_ms": ms, "p80_ms": ms,
+                     "genotype": list(cases.DERIVED_GENOTYPE) if "derived" in variant else None,
+                     "baseline": "skip-compiled" if "compiled" in variant else "skip"})
+    for variant, ms in (("plain", 100.0), ("supernet-sgd-fused", 120.0)):
+        rows.append({"suite": "train", "device": "cpu", "device_name": "Test CPU (1 thread)", "variant": variant,
+                     "label": variant, "batch": 16, "resolution": 64, "num_classes": 10, "small_input": False,
+                     "memory_format": "channels_last", "params": 1, "median_ms": ms, "p20_ms": ms, "p80_ms": ms})
+    return rows
+
+
+def test_cpu_goals_on_synthetic_rows():
+    from bench import cpu_goals
+    checks = {c.key: c for c in cpu_goals.evaluate(synthetic_cpu_goal_rows())}
+    assert set(checks) == set(cpu_goals.GOAL_KEYS)
+    status = {k: c.ok for k, c in checks.items()}
+    assert status == {"search-fwd+bwd-vs-eager": True, "search-fwd+bwd-vs-compile": False,
+                      "search-fwd-vs-compile": True, "fixed-bandwidth": True, "fixed-vs-compile": False,
+                      "derived-vs-plain": False, "supernet-step": True}
+    assert "worst 2.5× " in checks["search-fwd+bwd-vs-compile"].measured
+    assert checks["search-fwd+bwd-vs-compile"].target["providers"] == ["fused", "compile"]
+    slow = checks["fixed-vs-compile"].target
+    assert (slow["op"], slow["memory_format"], slow["shape"][2]) == ("avg3", "channels_last", 7)
+    assert "worst 60.0%" in checks["fixed-bandwidth"].measured  # 7×7 rows are not among the largest shapes
+    derived = checks["derived-vs-plain"]
+    assert "compiled, contiguous: +8.0%" in derived.measured and derived.target["variants"][0] == "derived-fused-compiled"
+    assert "1.2×" in checks["supernet-step"].measured
+
+
+def test_profile_rows_render_under_missed_goal():
+    """A missed goal's profile: real torch.profiler rows of a tiny op (dynamo's eager backend) under
+    the goal in the CPU section, with the reason placeholder when reasons.json has none."""
+    from bench import cpu_goals, profiling
+    rows = synthetic_cpu_goal_rows()
+    check = next(c for c in cpu_goals.evaluate(rows) if c.key == "search-fwd+bwd-vs-compile")
+    target = dict(check.target, shape=[1, 4, 6, 7])
+    prof = profiling.profile_target(check.key, target, "cpu", compile_backend="eager", seconds=0.01, min_iters=1)
+    assert [r["variant"] for r in prof] == ["fused", "compile"]
+    assert all(r["iters"] >= 1 and r["top"] and r["self_ms_per_iter"] > 0 for r in prof)
+    rows += [dict(r, device_name="Test CPU (1 thread)") for r in prof]
+    run = Results(dict(common.environment("cpu", "default", command="python -m pytest bench"),
+                       device_name="Test CPU (1 thread)", thread_counts=[1], loadavg_start=[2.5, 2.0, 1.0]))
+    run.add(rows)
+    text = report.render([dict(run.to_json(), file="cpu.json")])
+    goals = text[text.index("### Goals"):text.index("### Op suite")]
+    assert goals.count("**missed**") == 3 and goals.count("**met**") == 4
+    section = goals[goals.index("**Search mode fwd+bwd ≥ 3× torch.compile(reference): missed.**"):]
+    assert "torch.profiler, this run, `search` fwd+bwd, float32, 1×4×6×7" in section
+    assert "Reason (from a profile): not yet analysed" in section
+    assert "The machine was shared with other work during `cpu.json`" in text
+    assert "| CL |" in text and "compile % copy" in text

@@ -1,0 +1,192 @@
+"""The CPU goals, checked on the rows of one run at one thread count.
+
+``evaluate(rows)`` returns one ``GoalCheck`` per goal: the measured numbers, met / missed / not
+measured, and the configuration that decides it (the worst row). The report renders these; the
+profile suite (test_profile_bench.py) profiles the deciding configuration of every missed goal, so
+the report can say why from this run's own torch.profiler output.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+SEARCH_FWD_BWD_VS_EAGER_X = 20.0
+SEARCH_VS_COMPILE_X = 3.0
+FIXED_PCT_COPY = 50.0
+DERIVED_OVERHEAD_PCT = 5.0
+SUPERNET_STEP_X = 1.3
+
+GOAL_KEYS: Tuple[str, ...] = (
+    "search-fwd+bwd-vs-eager", "search-fwd+bwd-vs-compile", "search-fwd-vs-compile",
+    "fixed-bandwidth", "fixed-vs-compile", "derived-vs-plain", "supernet-step",
+)
+
+
+@dataclass
+class GoalCheck:
+    key: str
+    name: str
+    measured: str
+    ok: Optional[bool]                 # None: the rows it needs are absent
+    shortfall: str = ""                # how far a missed goal is off
+    # What decides the goal, for profiling: {"kind": "op", "op", "mode", "dtype", "shape", "memory_format",
+    # "providers"}, {"kind": "model", "variants", "memory_format", ...} or {"kind": "train", ...}.
+    target: Optional[Dict[str, Any]] = None
+    unresolved: List[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.ok is None:
+            return "not measured"
+        return "**met**" if self.ok else "**missed**" + (f": {self.shortfall}" if self.shortfall else "")
+
+
+def _times(v: float) -> str:
+    return f"{v:.3g}×" if v < 100 else f"{v:,.0f}×"
+
+
+def _shape(r: Dict[str, Any]) -> str:
+    fmt = ", channels_last" if r.get("memory_format") == "channels_last" else ""
+    return "×".join(str(s) for s in r["shape"]) + fmt
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def op_groups(rows: Sequence[Dict[str, Any]], op_filter, mode: str) -> Dict[Tuple, Dict[str, Dict[str, Any]]]:
+    """(op, dtype, shape, memory format) -> provider -> row (first timing only), for one mode."""
+    out: Dict[Tuple, Dict[str, Dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        if (r.get("suite") == "ops" and not r.get("error") and r["mode"] == mode and op_filter(r["op"])
+                and not r.get("repeat")):
+            out[(r["op"], r["dtype"], tuple(r["shape"]), r.get("memory_format", "contiguous"))][r["provider"]] = r
+    return out
+
+
+def _op_target(fused: Dict[str, Any], providers: Sequence[str]) -> Dict[str, Any]:
+    return {"kind": "op", "op": fused["op"], "mode": fused["mode"], "dtype": fused["dtype"],
+            "shape": list(fused["shape"]), "memory_format": fused.get("memory_format", "contiguous"),
+            "providers": list(providers)}
+
+
+def _speedup_goal(key: str, name: str, rows, op_filter, mode: str, other: str, target: float,
+                  strictly_faster: bool = False) -> GoalCheck:
+    speed = []
+    for g in op_groups(rows, op_filter, mode).values():
+        f, o = g.get("fused"), g.get(other)
+        if f and o and f["median_ms"] > 0:
+            speed.append((o["median_ms"] / f["median_ms"], f))
+    if not speed:
+        return GoalCheck(key, name, "—", None)
+    worst_x, worst = min(speed, key=lambda s: s[0])
+    below = [s for s in speed if (s[0] <= target if strictly_faster else s[0] < target)]
+    ops = sorted({f["op"] for _, f in speed})
+    label = f"{worst['op']} " if len(ops) > 1 else ""
+    measured = (f"worst {_times(worst_x)} ({label}{_shape(worst)}: fused {worst['median_ms']:.3g} ms, {other} "
+                f"{worst_x * worst['median_ms']:.3g} ms); geomean {_times(_geomean([s[0] for s in speed]))} over "
+                f"{len(speed)} rows")
+    short = (f"{len(below)} of {len(speed)} rows below; worst is {target / worst_x:.3g}× short" if below else "")
+    return GoalCheck(key, name, measured, not below, short, _op_target(worst, ("fused", other)))
+
+
+def _bandwidth_goal(rows) -> GoalCheck:
+    key, name = "fixed-bandwidth", (f"Every fixed op, forward: ≥ {FIXED_PCT_COPY:g}% of the run's copy bandwidth "
+                                    "at the largest shapes")
+    fused = [g["fused"] for g in op_groups(rows, lambda op: op not in ("search", "skip"), "fwd").values()
+             if g.get("fused") and g["fused"].get("pct_copy") is not None]
+    if not fused:
+        return GoalCheck(key, name, "—", None)
+    top_batch = max(r["batch"] for r in fused)
+    fused = [r for r in fused if r["batch"] == top_batch]
+    largest = sorted({r["x_bytes"] for r in fused})[-2:]
+    chosen = [r for r in fused if r["x_bytes"] in largest]
+    worst = min(chosen, key=lambda r: r["pct_copy"])
+    below = [r for r in chosen if r["pct_copy"] < FIXED_PCT_COPY]
+    shapes = sorted({"×".join(map(str, r["shape"])) for r in chosen})
+    measured = (f"worst {worst['pct_copy']:.1f}% ({worst['op']}, {_shape(worst)}: {worst['gbps']:.3g} GB/s); "
+                f"best {max(r['pct_copy'] for r in chosen):.1f}%; {len(chosen)} rows over {', '.join(shapes)}, "
+                "both layouts")
+    short = (f"{len(below)} of {len(chosen)} rows below; worst is {FIXED_PCT_COPY - worst['pct_copy']:.1f} points short"
+             if below else "")
+    return GoalCheck(key, name, measured, not below, short, _op_target(worst, ("fused", "compile")))
+
+
+def _model_rows(rows) -> Dict[Tuple[str, str], Dict[str, Any]]:
+    return {(r["variant"], r.get("memory_format", "contiguous")): r for r in rows
+            if r.get("suite") == "model" and not r.get("error") and r.get("batch") == 1}
+
+
+def _derived_goal(rows) -> GoalCheck:
+    key = "derived-vs-plain"
+    name = (f"Derived MobileNetV2-1.0 (batch 1, 224 px) within {DERIVED_OVERHEAD_PCT:g}% of plain, contiguous and "
+            "channels_last, eager and torch.compile")
+    m = _model_rows(rows)
+    checks = []  # (label, overhead %, noise %, target)
+    for compiled, derived, plain, again in ((False, "derived-fused", "skip", "skip-again"),
+                                            (True, "derived-fused-compiled", "skip-compiled", "skip-compiled-again")):
+        for fmt in ("contiguous", "channels_last"):
+            d, p, a = m.get((derived, fmt)), m.get((plain, fmt)), m.get((again, fmt))
+            if not (d and p):
+                continue
+            over = 100.0 * (d["median_ms"] / p["median_ms"] - 1.0)
+            noise = 100.0 * (a["median_ms"] / p["median_ms"] - 1.0) if a else None
+            label = f"{'compiled' if compiled else 'eager'}, {fmt}"
+            checks.append((label, over, noise, d["median_ms"], p["median_ms"],
+                           {"kind": "model", "variants": [derived, plain], "memory_format": fmt, "batch": 1,
+                            "resolution": d["resolution"], "dtype": d["dtype"], "genotype": d.get("genotype")}))
+    if not checks:
+        return GoalCheck(key, name, "—", None)
+    measured = "; ".join(f"{c[0]}: {c[1]:+.1f}% ({c[3]:.3g} vs {c[4]:.3g} ms"
+                         + (f"; plain timed again {c[2]:+.1f}%" if c[2] is not None else "") + ")" for c in checks)
+    resolved = [c for c in checks if c[2] is None or abs(c[2]) < DERIVED_OVERHEAD_PCT]
+    unresolved = [c[0] for c in checks if c not in resolved]
+    above = [c for c in resolved if c[1] > DERIVED_OVERHEAD_PCT]
+    if not resolved:
+        return GoalCheck(key, name, measured, None, unresolved=unresolved)
+    worst = max(resolved, key=lambda c: c[1])
+    short = f"worst {worst[1]:+.1f}% ({worst[0]}), {worst[1] - DERIVED_OVERHEAD_PCT:.1f} points over" if above else ""
+    return GoalCheck(key, name, measured, not above, short, worst[5], unresolved)
+
+
+def _supernet_goal(rows) -> GoalCheck:
+    key, name = "supernet-step", f"Supernet training step (all candidates, all 17 layers) ≤ {SUPERNET_STEP_X:g}× a plain step"
+    steps = {r["variant"]: r for r in rows if r.get("suite") == "train" and not r.get("error")}
+    plain, supernet = steps.get("plain"), steps.get("supernet-sgd-fused")
+    if not (plain and supernet):
+        return GoalCheck(key, name, "—", None)
+    x = supernet["median_ms"] / plain["median_ms"]
+    extra = ""
+    if "search-fused" in steps:
+        extra = f"; the bi-level search step: {_times(steps['search-fused']['median_ms'] / plain['median_ms'])}"
+    measured = (f"{_times(x)}: {supernet['median_ms']:.4g} ms vs {plain['median_ms']:.4g} ms, batch {plain['batch']} at "
+                f"{plain['resolution']} px, {plain['memory_format']}{extra}")
+    target = {"kind": "train", "variants": ["supernet-sgd-fused", "plain"], "batch": plain["batch"],
+              "resolution": plain["resolution"], "memory_format": plain["memory_format"],
+              "num_classes": plain["num_classes"], "small_input": plain["small_input"]}
+    return GoalCheck(key, name, measured, x <= SUPERNET_STEP_X,
+                     f"{x / SUPERNET_STEP_X:.3g}× over the target" if x > SUPERNET_STEP_X else "", target)
+
+
+def evaluate(rows: Sequence[Dict[str, Any]]) -> List[GoalCheck]:
+    """Every CPU goal on rows of one device (one CPU model at one thread count) from one run."""
+    search = lambda op: op == "search"  # noqa: E731
+    fixed = lambda op: op != "search"  # noqa: E731
+    return [
+        _speedup_goal("search-fwd+bwd-vs-eager",
+                      f"Search mode fwd+bwd ≥ {SEARCH_FWD_BWD_VS_EAGER_X:g}× the eager reference", rows, search,
+                      "fwd+bwd", "eager", SEARCH_FWD_BWD_VS_EAGER_X),
+        _speedup_goal("search-fwd+bwd-vs-compile",
+                      f"Search mode fwd+bwd ≥ {SEARCH_VS_COMPILE_X:g}× torch.compile(reference)", rows, search,
+                      "fwd+bwd", "compile", SEARCH_VS_COMPILE_X),
+        _speedup_goal("search-fwd-vs-compile",
+                      f"Search mode forward ≥ {SEARCH_VS_COMPILE_X:g}× torch.compile(reference)", rows, search,
+                      "fwd", "compile", SEARCH_VS_COMPILE_X),
+        _bandwidth_goal(rows),
+        _speedup_goal("fixed-vs-compile", "Every fixed op, forward: faster than torch.compile of the same op in every row",
+                      rows, fixed, "fwd", "compile", 1.0, strictly_faster=True),
+        _derived_goal(rows),
+        _supernet_goal(rows),
+    ]
