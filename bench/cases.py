@@ -108,7 +108,10 @@ def op_cases(device: str, scope: str) -> List[OpCase]:
         # the search trainer uses on the CPU (the full scope compiles both layouts).
         add(CPU_FEATURE_SHAPES, [1, 8], ["float32"], ("search",),
             lambda c: c.mode == "fwd" or c.memory_format == "channels_last", formats=formats)
-        add(CPU_FEATURE_SHAPES, [1, 8], ["float32"], FIXED_OPS, always, modes=("fwd",), formats=formats)
+        # Largest maps first and every op per map, so a run cut short by --bench-deadline keeps the
+        # rows the bandwidth goal needs (batch 8 of the largest maps) for every op.
+        for (c, h, w), n, fmt, op in itertools.product(CPU_FEATURE_SHAPES, (8, 1), formats, FIXED_OPS):
+            cases.append(OpCase(op, "fwd", "float32", (n, c, h, w), compile=True, memory_format=fmt))
     return cases
 
 

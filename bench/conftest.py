@@ -9,11 +9,14 @@ Options (each also read from an environment variable, which is how `make bench` 
   --bench-out      folder for the result JSON       (BENCH_OUT, default bench/results)
   --bench-genotype genotype JSON for the derived rows (BENCH_GENOTYPE; default cases.DERIVED_GENOTYPE)
   --bench-compile-backend  torch.compile backend    (BENCH_COMPILE_BACKEND, default "inductor")
+  --bench-deadline seconds after which the remaining cases are skipped, the profile suite still running
+                   (BENCH_DEADLINE, default 0: none); the skipped test ids are recorded in the result file
 pytest-benchmark's --benchmark-disable is honoured: every variant runs once, untimed, nothing is written.
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -42,6 +45,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-genotype", default=os.environ.get("BENCH_GENOTYPE") or None,
                 help="genotype JSON (metapool_kernels.models.save_genotype) for the derived-network rows")
     g.addoption("--bench-compile-backend", default=os.environ.get("BENCH_COMPILE_BACKEND") or "inductor")
+    g.addoption("--bench-deadline", type=float, default=float(os.environ.get("BENCH_DEADLINE") or 0),
+                help="seconds after which the remaining cases are skipped (the profile suite still runs); "
+                     "0: no limit")
 
 
 class BenchRun:
@@ -53,6 +59,8 @@ class BenchRun:
         if want == "cuda" and not torch.cuda.is_available():
             raise pytest.UsageError("--bench-device=cuda but torch sees no CUDA device")
         self.device: str = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+        self.started = time.monotonic()
+        self.deadline_s: float = config.getoption("bench_deadline")
         self.thread_counts: List[int] = parse_threads(config.getoption("bench_threads"))
         torch.set_num_threads(self.thread_counts[0])
         if self.device == "cuda":
@@ -68,6 +76,9 @@ class BenchRun:
             self.genotype = check_genotype(load_genotype(genotype_path))
         self.results = Results(environment(self.device, self.scope))
         self.results.env["thread_counts"] = self.thread_counts
+        if self.deadline_s:
+            self.results.env["deadline_s"] = self.deadline_s
+            self.results.env["skipped_at_deadline"] = []
         if genotype_path:
             self.results.env["genotype_file"] = str(genotype_path)
         self.results.env["benchmark_disabled"] = self.disabled
@@ -119,6 +130,10 @@ def bench(request) -> BenchRun:
 def bench_threads(request):
     """torch's CPU thread count for this test: its parameter when the run has several counts."""
     s = _run_state(request.config)
+    if (s.deadline_s and time.monotonic() - s.started > s.deadline_s
+            and "cpu_profile_goal" not in request.fixturenames):
+        s.results.env["skipped_at_deadline"].append(request.node.nodeid)
+        pytest.skip(f"past the run's time limit of {s.deadline_s:g} s (--bench-deadline)")
     n = getattr(request, "param", None)
     if n is not None:
         torch.set_num_threads(n)

@@ -188,6 +188,12 @@ def runs_section(d: Device, runs: Sequence[Dict[str, Any]]) -> str:
             "threads" if d.kind == "cpu" else "compute capability", "copy GB/s",
             "load avg, 1 min: start / peak / end", "commit"]
     out = [table(head, rows, "l" * len(head))]
+    for run in d.runs:
+        skipped = run["env"].get("skipped_at_deadline")
+        if skipped:
+            out.append(f"\n`{run['file']}` reached its time limit ({num(run['env']['deadline_s'])} s, "
+                       f"`--bench-deadline`): {len(skipped)} test(s) were skipped, their rows are absent "
+                       f"(first: `{skipped[0]}`).")
     if d.copy:
         out.append(f"\nCopy bandwidth: `y.copy_(x)` on {num(d.copy['bytes'] / 2**20)} MiB of float32, "
                    f"{num(d.copy['gbps'])} GB/s counting bytes read plus written ({d.copy.get('method', '')}). "
