@@ -9,6 +9,7 @@ except for the few cases that exist to stress tiling.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -27,6 +28,12 @@ TRITON_DEVICES = [
 ]
 
 
+def triton_kernels(device):
+    """The op's Triton kernels on ``device``: compiled on CUDA, the interpreter's on CPU tensors."""
+    from metapool_kernels.ops.meta_pool import triton_on_cpu
+    return triton_on_cpu() if device == "cpu" else contextlib.nullcontext()
+
+
 def make_layer(channels, candidates, device, seed, fixed=None):
     layer = FusedMetaPooling(channels, candidates, backend="triton")
     g = torch.Generator().manual_seed(seed)
@@ -43,6 +50,8 @@ def make_layer(channels, candidates, device, seed, fixed=None):
 def run_and_check(shape, candidates, device, dtype=torch.float32, fixed=None, seed=0, layout="contiguous"):
     """Forward + backward through the Triton path vs the independent float64 reference."""
     layer = make_layer(shape[1], candidates, device, seed, fixed)
+    if dtype == torch.float64:  # float64 parameters too, so every gradient can be held to 1e-12
+        layer.double()
     x = randn(shape, seed + 1, dtype, device)
     grad_out = randn(shape, seed + 2, dtype, device)
     xin = to_layout(x, layout).requires_grad_()
@@ -137,10 +146,10 @@ def test_fixed_layer_launches_only_its_op(monkeypatch, fixed):
     """A fixed layer runs a kernel specialised to its op alone (nothing at all for skip)."""
     if not (INTERPRET or torch.cuda.is_available()):
         pytest.skip("needs the interpreter or a GPU")
-    from metapool_kernels.ops import meta_pool as mp
+    from metapool_kernels.ops import meta_pool_triton as mpt
     seen = []
-    real = mp._flags
-    monkeypatch.setattr(mp, "_flags", lambda names: seen.append(tuple(names)) or real(names))
+    real = mpt._slots
+    monkeypatch.setattr(mpt, "_slots", lambda names: seen.append(tuple(names)) or real(names))
     device = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
     layer = make_layer(2, PAPER_CANDIDATES, device, 0, fixed)
     x = randn((1, 2, 4, 5), 1, device=device).requires_grad_()
@@ -268,8 +277,9 @@ def _gradcheck_inputs(shape, candidates, device):
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_gradcheck_search(device):
     meta_pool, x, alpha, gates = _gradcheck_inputs((1, 2, 4, 5), PAPER_CANDIDATES, device)
-    assert torch.autograd.gradcheck(lambda x, a, *g: meta_pool(x, a, PAPER_CANDIDATES, g),
-                                    (x, alpha, *gates), fast_mode=True)
+    with triton_kernels(device):
+        assert torch.autograd.gradcheck(lambda x, a, *g: meta_pool(x, a, PAPER_CANDIDATES, g),
+                                        (x, alpha, *gates), fast_mode=True)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -280,7 +290,8 @@ def test_gradcheck_fixed(device, fixed):
         fn, inputs = (lambda x, *g: meta_pool(x, None, (fixed,), g)), (x, *gates)
     else:
         fn, inputs = (lambda x: meta_pool(x, None, (fixed,))), (x,)
-    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    with triton_kernels(device):
+        assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -291,11 +302,14 @@ def test_opcheck(device):
     x = torch.randn(1, C, 3, 4, generator=g).to(device).requires_grad_()
     pi = torch.softmax(torch.randn(3, generator=g), 0).to(device).requires_grad_()
     gates = [torch.randn(s, generator=g).to(device).requires_grad_() for s in ((C, C, 1), (C,), (C, C, 1), (C,))]
-    torch.library.opcheck(torch.ops.metapool.meta_pool.default, (x, pi, *gates, "skip,max3,strip"))
-    out, z_h, z_w = torch.ops.metapool.meta_pool(x, pi, *gates, "skip,max3,strip")
-    torch.library.opcheck(torch.ops.metapool.meta_pool_backward.default,
-                          (torch.randn_like(out), x.detach(), pi.detach(), *[t.detach() for t in gates], z_h, z_w,
-                           "skip,max3,strip"))
+    with triton_kernels(device):
+        for xin in (x, x.detach().to(memory_format=torch.channels_last).requires_grad_()):
+            torch.library.opcheck(torch.ops.metapool.meta_pool.default, (xin, pi, *gates, "skip,max3,strip"))
+            out, z_h, z_w = torch.ops.metapool.meta_pool(xin, pi, *gates, "skip,max3,strip")
+            torch.library.opcheck(torch.ops.metapool.meta_pool_backward.default,
+                                  (torch.randn_like(out), xin.detach(), pi.detach(), *[t.detach() for t in gates],
+                                   z_h, z_w, "skip,max3,strip"))
+        torch.library.opcheck(torch.ops.metapool.meta_pool.default, (x, None, None, None, None, None, "max5"))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -337,3 +351,75 @@ def test_state_dict_interchangeable_with_reference():
     fused = FusedMetaPooling(3, backend="triton")
     assert list(ref.state_dict()) == list(fused.state_dict())
     fused.load_state_dict(ref.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# float64: exact on the Triton path too
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("fixed,layout", [(None, "contiguous"), (None, "channels_last"), ("avg7", "contiguous"),
+                                          ("max5", "noncontiguous"), ("strip", "contiguous")])
+def test_float64_exact(device, fixed, layout):
+    """float64 in, float64 accumulation: held to 1e-12 (window counts, weights and the strip term
+    all in float64)."""
+    run_and_check((1, 2, 6, 7), PAPER_CANDIDATES, device, dtype=torch.float64, fixed=fixed, layout=layout)
+
+
+# --------------------------------------------------------------------------------------------
+# NaN in the max backward: max_pool2d's order
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("name", ["max3", "max5", "max7"])
+def test_max_backward_nan_and_inf_follow_pytorch(device, name):
+    """max_pool2d scans a window row by row and lets a value take over when it is larger or NaN:
+    a window holding NaNs sends its gradient to the last NaN in row-major order, an all -inf
+    window to its first element. Several NaNs per window, in one row, one column, and apart."""
+    x = randn((1, 2, 9, 10), 21)
+    nan = float("nan")
+    x[0, 0, 2, 3] = x[0, 0, 2, 5] = nan  # same row
+    x[0, 0, 5, 3] = x[0, 0, 7, 3] = nan  # same column
+    x[0, 1, 1, 1] = x[0, 1, 3, 4] = x[0, 1, 8, 9] = nan  # apart
+    x[0, 1, 5:9, 0:4] = float("-inf")
+    x = x.to(device)
+    grad_out = randn(x.shape, 22, device=device)
+    xf = x.clone().requires_grad_()
+    out = FusedMetaPooling(2, (name,), backend="triton").to(device)(xf)
+    out.backward(grad_out)
+    xr = x.cpu().clone().requires_grad_()
+    k = int(name[3:])
+    ref = F.max_pool2d(xr, k, stride=1, padding=k // 2)
+    ref.backward(grad_out.cpu())
+    assert torch.equal(out.isnan().cpu(), ref.isnan())
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(xf.grad.cpu(), xr.grad, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU launch layouts, run through the interpreter
+# --------------------------------------------------------------------------------------------
+GPU_LAYOUTS = [
+    # (SMs, shape, layout, candidates, what the layout must exercise)
+    (132, (1, 3, 33, 12), "contiguous", ("avg5", "max3", "strip", "skip"), {"chunks"}),
+    (8, (1, 16, 7, 7), "contiguous", ("max7", "avg3", "strip"), {"c_blocks"}),
+    (8, (1, 10, 32, 40), "channels_last", ("max7", "avg3", "strip", "skip"), {"chunks", "c_blocks", "tiles"}),
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("sms,shape,layout,candidates,splits", GPU_LAYOUTS,
+                         ids=[f"sm{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}" for c in GPU_LAYOUTS])
+def test_gpu_launch_layouts(device, sms, shape, layout, candidates, splits):
+    """Row chunks, channel blocks (the 8-plane cap) and column tiles as the launchers lay them out
+    for a GPU with ``sms`` multiprocessors, forward and backward, against the reference."""
+    from metapool_kernels.ops import meta_pool_triton as mpt
+    N, C, H, W = shape
+    cl = layout == "channels_last"
+    R = mpt._radius(candidates)
+    for grid in (mpt._Grid(N, C, H, W, 0, mpt.FORWARD_MAX_BLOCK, sms, cl),
+                 mpt._Grid(N, C, H, W, R, mpt.BACKWARD_MAX_BLOCK, sms, cl)):
+        assert grid.pb <= mpt.GPU_MAX_PLANES and grid.pb * grid.block <= mpt.GPU_LANES
+    backward_grid = mpt._Grid(N, C, H, W, R, mpt.BACKWARD_MAX_BLOCK, sms, cl)
+    for split in splits:  # the case exists to exercise these splits: fail if it no longer does
+        assert getattr(backward_grid, split) > 1, f"{split} = 1: the case no longer tests it"
+    with mpt.gpu_layout(sms):
+        run_and_check(shape, candidates, device, layout=layout)

@@ -108,23 +108,23 @@ def _argmax_row(ring, in_win, rr):
 
 
 @triton.jit
-def _row_partials(row_ptr, cols, sw, row_ok, W, R: tl.constexpr, ACC: tl.constexpr):
+def _row_partials(row_ptrs, cols, sw, row_ok, W, R: tl.constexpr, ACC: tl.constexpr):
     """Sums and maxima of one row over the 3-, 5- and 7-wide windows centred on each column.
 
     One set of 2R+1 shifted loads (the neighbouring columns are in cache) serves all three
     sizes: the separable first half of every local candidate. Padding never wins a max, adds
     nothing to a sum, and NaN propagates as in max_pool2d.
     """
-    s3 = tl.zeros(cols.shape, ACC)
-    s5 = tl.zeros(cols.shape, ACC)
-    s7 = tl.zeros(cols.shape, ACC)
-    m3 = tl.full(cols.shape, float("-inf"), ACC)
-    m5 = tl.full(cols.shape, float("-inf"), ACC)
-    m7 = tl.full(cols.shape, float("-inf"), ACC)
+    s3 = tl.zeros(row_ok.shape, ACC)
+    s5 = tl.zeros(row_ok.shape, ACC)
+    s7 = tl.zeros(row_ok.shape, ACC)
+    m3 = tl.full(row_ok.shape, float("-inf"), ACC)
+    m5 = tl.full(row_ok.shape, float("-inf"), ACC)
+    m7 = tl.full(row_ok.shape, float("-inf"), ACC)
     for dd in tl.static_range(0, 2 * R + 1):
         d = dd - R  # constexpr: static_range unrolls
-        ok = row_ok & (cols + d >= 0) & (cols + d < W)
-        v = tl.load(row_ptr + (cols + d) * sw, mask=ok, other=0.0).to(ACC)
+        ok = row_ok & (cols >= -d) & (cols < W - d)
+        v = tl.load(row_ptrs + d * sw, mask=ok, other=0.0).to(ACC)
         vm = tl.where(ok, v, float("-inf"))
         if d * d <= 1:
             s3 += v
@@ -166,13 +166,20 @@ def _meta_pool_forward_kernel(
     chunk = tl.program_id(2)
     chan_ok = chans < C
     lane_ok = chan_ok[:, None] & (col2 < W)  # [PB, BLOCK]
-    x_base = x_ptr + (n.to(tl.int64) * sxn + chans.to(tl.int64)[:, None] * sxc)
-    o_base = out_ptr + (n.to(tl.int64) * son + chans.to(tl.int64)[:, None] * soc)
-    zero_i = tl.zeros([PB, BLOCK], tl.int32)
+    x_cols = x_ptr + (n.to(tl.int64) * sxn + chans.to(tl.int64)[:, None] * sxc + col2 * sxw)
+    o_cols = out_ptr + (n.to(tl.int64) * son + chans.to(tl.int64)[:, None] * soc + col2 * sow)
     r0 = chunk * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, H)
     slots = tl.arange(0, RING)
 
+    if SKIP >= 0:
+        w_skip = _weight(pi_ptr, SKIP, FIXED, ACC)
+    if MAX3 >= 0:
+        w_max3 = _weight(pi_ptr, MAX3, FIXED, ACC)
+    if MAX5 >= 0:
+        w_max5 = _weight(pi_ptr, MAX5, FIXED, ACC)
+    if MAX7 >= 0:
+        w_max7 = _weight(pi_ptr, MAX7, FIXED, ACC)
     if AVG3 >= 0:
         w_avg3 = _weight(pi_ptr, AVG3, FIXED, ACC) / _window_count(col2, 1, W, ACC)
     if AVG5 >= 0:
@@ -194,8 +201,8 @@ def _meta_pool_forward_kernel(
     for step in range(0, r1 - r0 + 2 * R):
         t = r0 - R + step  # newest input row
         if R > 0:
-            t_ok = ((zero_i + t) >= 0) & ((zero_i + t) < H) & lane_ok
-            s3, s5, s7, m3, m5, m7 = _row_partials(x_base + t * sxh, col2 + zero_i, sxw, t_ok, W, R, ACC)
+            t_ok = lane_ok & (t >= 0) & (t < H)
+            s3, s5, s7, m3, m5, m7 = _row_partials(x_cols + t * sxh, col2, sxw, t_ok, W, R, ACC)
             sel = (slots == step % RING)[:, None, None]
             ring_row = tl.where(slots == step % RING, t, ring_row)
             if AVG3 >= 0:
@@ -213,14 +220,14 @@ def _meta_pool_forward_kernel(
 
         # Output row p = t - R: every window it needs is in the ring now.
         p = t - R
-        p_ok = ((zero_i + p) >= r0) & ((zero_i + p) < r1) & lane_ok
+        p_ok = lane_ok & (p >= r0) & (p < r1)
         rr = ring_row[:, None, None]
         row_valid = (rr >= 0) & (rr < H)
         local = tl.zeros([PB, BLOCK], ACC)
         if SKIP >= 0 or STRIP >= 0:
-            xp = tl.load(x_base + p * sxh + col2 * sxw, mask=p_ok, other=0.0).to(ACC)
+            xp = tl.load(x_cols + p * sxh, mask=p_ok, other=0.0).to(ACC)
         if SKIP >= 0:
-            local += _weight(pi_ptr, SKIP, FIXED, ACC) * xp
+            local += w_skip * xp
         if AVG3 >= 0:
             in3 = row_valid & (rr >= p - 1) & (rr <= p + 1)
             local += w_avg3 * tl.sum(tl.where(in3, s3r, 0.0), axis=0) / _window_count(p, 1, H, ACC)
@@ -231,16 +238,16 @@ def _meta_pool_forward_kernel(
             in7 = row_valid & (rr >= p - 3) & (rr <= p + 3)
             local += w_avg7 * tl.sum(tl.where(in7, s7r, 0.0), axis=0) / _window_count(p, 3, H, ACC)
         if MAX3 >= 0:
-            local += _weight(pi_ptr, MAX3, FIXED, ACC) * _ring_max(m3r, row_valid & (rr >= p - 1) & (rr <= p + 1))
+            local += w_max3 * _ring_max(m3r, row_valid & (rr >= p - 1) & (rr <= p + 1))
         if MAX5 >= 0:
-            local += _weight(pi_ptr, MAX5, FIXED, ACC) * _ring_max(m5r, row_valid & (rr >= p - 2) & (rr <= p + 2))
+            local += w_max5 * _ring_max(m5r, row_valid & (rr >= p - 2) & (rr <= p + 2))
         if MAX7 >= 0:
-            local += _weight(pi_ptr, MAX7, FIXED, ACC) * _ring_max(m7r, row_valid & (rr >= p - 3) & (rr <= p + 3))
+            local += w_max7 * _ring_max(m7r, row_valid & (rr >= p - 3) & (rr <= p + 3))
         if STRIP >= 0:
             p_safe = tl.minimum(tl.maximum(p, 0), H - 1)  # per-row values are used only under p_ok
             sh = tl.load(sh_ptr + planes[:, None] * H + p_safe, mask=chan_ok[:, None], other=0.0).to(ACC)
             local += w_strip * xp * sh
-        tl.store(o_base + p * soh + col2 * sow, local.to(out_ptr.dtype.element_ty), mask=p_ok)
+        tl.store(o_cols + p * soh, local.to(out_ptr.dtype.element_ty), mask=p_ok)
 
 
 @triton.jit
@@ -282,7 +289,22 @@ def _strip_reduce_kernel(
 
 
 @triton.jit
-def _max_adjoint(u_row, q2, x_row_ptr, sxw, W, row_ok, r: tl.constexpr, ACC: tl.constexpr):
+def _box_sum(v, r: tl.constexpr):
+    """Σ_{|d| ≤ r} v[:, q + d]: a horizontal box sum over the neighbouring lanes' registers
+    (0 beyond the tile, which only the halo lanes reach)."""
+    block: tl.constexpr = v.shape[1]
+    lane = tl.zeros(v.shape, tl.int32) + tl.arange(0, block)[None, :]
+    total = v
+    for dd in tl.static_range(0, 2 * r + 1):
+        if dd != r:
+            src = lane + (dd - r)
+            shifted = tl.gather(v, tl.minimum(tl.maximum(src, 0), block - 1), axis=1)
+            total += tl.where((src >= 0) & (src < block), shifted, 0.0)
+    return total
+
+
+@triton.jit
+def _max_adjoint(u_row, q2, x_row_ptrs, sxw, W, row_ok, r: tl.constexpr, ACC: tl.constexpr):
     """Horizontal half of the max gather: Σ_b [argmax column of window (i, q + b) == q] · U(i, q + b).
 
     U is the column-wise gathered gradient of row i. The argmax scans the window left to right
@@ -295,8 +317,8 @@ def _max_adjoint(u_row, q2, x_row_ptr, sxw, W, row_ok, r: tl.constexpr, ACC: tl.
     found = arg > 0
     for dd in tl.static_range(0, 2 * r + 1):
         c = q2 + (dd - r)
-        ok = row_ok & (c >= 0) & (c < W)
-        v = tl.load(x_row_ptr + c * sxw, mask=ok, other=0.0).to(ACC)
+        ok = row_ok & (q2 >= r - dd) & (q2 < W + r - dd)
+        v = tl.load(x_row_ptrs + (dd - r) * sxw, mask=ok, other=0.0).to(ACC)
         better = ok & ((v > best) | (v != v) | ~found)
         best = tl.where(better, v, best)
         arg = tl.where(better, c, arg)
@@ -337,14 +359,30 @@ def _meta_pool_backward_kernel(
     plane_ok = (chans < C)[:, None]
     q_ok = plane_ok & (q2 >= 0) & (q2 < W)  # [PB, BLOCK]
     out_ok = q_ok & (q2 >= c0) & (q2 < c0 + BLOCK - 2 * R)
-    g_base = g_ptr + (n.to(tl.int64) * sgn + chans.to(tl.int64)[:, None] * sgc)
-    x_base = x_ptr + (n.to(tl.int64) * sxn + chans.to(tl.int64)[:, None] * sxc)
-    o_base = gx_ptr + (n.to(tl.int64) * son + chans.to(tl.int64)[:, None] * soc)
-    zero_i = tl.zeros([PB, BLOCK], tl.int32)
+    g_cols = g_ptr + (n.to(tl.int64) * sgn + chans.to(tl.int64)[:, None] * sgc + q2 * sgw)
+    x_cols = x_ptr + (n.to(tl.int64) * sxn + chans.to(tl.int64)[:, None] * sxc + q2 * sxw)
+    o_cols = gx_ptr + (n.to(tl.int64) * son + chans.to(tl.int64)[:, None] * soc + q2 * sow)
     r0 = chunk * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, H)
     slots = tl.arange(0, RING)
 
+    if SKIP >= 0:
+        w_skip = _weight(pi_ptr, SKIP, FIXED, ACC)
+    if AVG3 >= 0:
+        w_avg3 = _weight(pi_ptr, AVG3, FIXED, ACC)
+        inv_cw3 = 1.0 / _window_count(q2, 1, W, ACC)
+    if AVG5 >= 0:
+        w_avg5 = _weight(pi_ptr, AVG5, FIXED, ACC)
+        inv_cw5 = 1.0 / _window_count(q2, 2, W, ACC)
+    if AVG7 >= 0:
+        w_avg7 = _weight(pi_ptr, AVG7, FIXED, ACC)
+        inv_cw7 = 1.0 / _window_count(q2, 3, W, ACC)
+    if MAX3 >= 0:
+        w_max3 = _weight(pi_ptr, MAX3, FIXED, ACC)
+    if MAX5 >= 0:
+        w_max5 = _weight(pi_ptr, MAX5, FIXED, ACC)
+    if MAX7 >= 0:
+        w_max7 = _weight(pi_ptr, MAX7, FIXED, ACC)
     if STRIP >= 0:
         w_strip = _weight(pi_ptr, STRIP, FIXED, ACC)
         sw = tl.load(sw_ptr + planes[:, None] * W + q2, mask=q_ok, other=0.0).to(ACC)
@@ -391,8 +429,8 @@ def _meta_pool_backward_kernel(
         if AVG7 >= 0:
             a7r = tl.where(sel, 0.0, a7r)
         if MAX3 >= 0 or MAX5 >= 0 or MAX7 >= 0:
-            t_ok = ((zero_i + t) >= 0) & ((zero_i + t) < H) & plane_ok
-            _s3, _s5, _s7, m3, m5, m7 = _row_partials(x_base + t * sxh, q2 + zero_i, sxw, t_ok, W, R, ACC)
+            t_ok = q_ok & (t >= 0) & (t < H)
+            _s3, _s5, _s7, m3, m5, m7 = _row_partials(x_cols + t * sxh, q2, sxw, t_ok, W, R, ACC)
             if MAX3 >= 0:
                 m3r = tl.where(sel, m3[None, :, :], m3r)
             if MAX5 >= 0:
@@ -401,8 +439,8 @@ def _meta_pool_backward_kernel(
                 m7r = tl.where(sel, m7[None, :, :], m7r)
 
         p = t - R
-        p_ok = ((zero_i + p) >= 0) & ((zero_i + p) < H) & q_ok
-        gp = tl.load(g_base + p * sgh + q2 * sgw, mask=p_ok, other=0.0).to(ACC)
+        p_in = plane_ok & (p >= 0) & (p < H)
+        gp = tl.load(g_cols + p * sgh, mask=p_in & q_ok, other=0.0).to(ACC)
         # Max: the row holding each column's window argmax takes the gradient; the horizontal
         # half of the argmax is resolved when that row finishes.
         if MAX3 >= 0:
@@ -414,72 +452,59 @@ def _meta_pool_backward_kernel(
         if MAX7 >= 0:
             va = _argmax_row(m7r, row_valid & (rr >= p - 3) & (rr <= p + 3), rr)
             u7r += tl.where(rr == va[None, :, :], gp[None, :, :], 0.0)
-        # Avg: grad / window count, box-summed: horizontally from shifted loads of this grad row,
-        # vertically by adding it to every element row of the window.
-        if AVG3 >= 0 or AVG5 >= 0 or AVG7 >= 0:
-            h3 = tl.zeros([PB, BLOCK], ACC)
-            h5 = tl.zeros([PB, BLOCK], ACC)
-            h7 = tl.zeros([PB, BLOCK], ACC)
-            for dd in tl.static_range(0, 2 * R + 1):
-                d = dd - R  # constexpr: static_range unrolls
-                ok = ((zero_i + p) >= 0) & ((zero_i + p) < H) & plane_ok & (q2 + d >= 0) & (q2 + d < W)
-                gv = tl.load(g_base + p * sgh + (q2 + d) * sgw, mask=ok, other=0.0).to(ACC)
-                if d * d <= 1:
-                    h3 += gv / _window_count(q2 + d, 1, W, ACC)
-                if d * d <= 4:
-                    h5 += gv / _window_count(q2 + d, 2, W, ACC)
-                h7 += gv / _window_count(q2 + d, 3, W, ACC)
-            if AVG3 >= 0:
-                in3 = row_valid & (rr >= p - 1) & (rr <= p + 1)
-                a3r += tl.where(in3, (h3 / _window_count(p, 1, H, ACC))[None, :, :], 0.0)
-            if AVG5 >= 0:
-                in5 = row_valid & (rr >= p - 2) & (rr <= p + 2)
-                a5r += tl.where(in5, (h5 / _window_count(p, 2, H, ACC))[None, :, :], 0.0)
-            if AVG7 >= 0:
-                in7 = row_valid & (rr >= p - 3) & (rr <= p + 3)
-                a7r += tl.where(in7, (h7 / _window_count(p, 3, H, ACC))[None, :, :], 0.0)
+        # Avg: grad / window count, box-summed: horizontally over the neighbouring lanes of this
+        # grad row, vertically by adding it to every element row of the window.
+        if AVG3 >= 0:
+            h3 = _box_sum(gp * inv_cw3, 1) / _window_count(p, 1, H, ACC)
+            a3r += tl.where(row_valid & (rr >= p - 1) & (rr <= p + 1), h3[None, :, :], 0.0)
+        if AVG5 >= 0:
+            h5 = _box_sum(gp * inv_cw5, 2) / _window_count(p, 2, H, ACC)
+            a5r += tl.where(row_valid & (rr >= p - 2) & (rr <= p + 2), h5[None, :, :], 0.0)
+        if AVG7 >= 0:
+            h7 = _box_sum(gp * inv_cw7, 3) / _window_count(p, 3, H, ACC)
+            a7r += tl.where(row_valid & (rr >= p - 3) & (rr <= p + 3), h7[None, :, :], 0.0)
 
         i = t - 2 * R
-        mask = ((zero_i + i) >= r0) & ((zero_i + i) < r1) & out_ok
-        i_in = ((zero_i + i) >= 0) & ((zero_i + i) < H) & plane_ok
+        mask = out_ok & (i >= r0) & (i < r1)
+        i_in = plane_ok & (i >= 0) & (i < H)
         fin = rr == i
-        gi = tl.load(g_base + i * sgh + q2 * sgw, mask=mask, other=0.0).to(ACC)
-        xi = tl.load(x_base + i * sxh + q2 * sxw, mask=mask, other=0.0).to(ACC)
+        gi = tl.load(g_cols + i * sgh, mask=mask, other=0.0).to(ACC)
+        x_row = x_cols + i * sxh
+        xi = tl.load(x_row, mask=mask, other=0.0).to(ACC)
         gx = tl.zeros([PB, BLOCK], ACC)
         if SKIP >= 0:
-            gx += _weight(pi_ptr, SKIP, FIXED, ACC) * gi
+            gx += w_skip * gi
             alpha_skip += xi * gi
         if AVG3 >= 0:
             adj = tl.sum(tl.where(fin, a3r, 0.0), axis=0)
-            gx += _weight(pi_ptr, AVG3, FIXED, ACC) * adj
+            gx += w_avg3 * adj
             alpha_a3 += tl.where(mask, xi * adj, 0.0)
         if AVG5 >= 0:
             adj = tl.sum(tl.where(fin, a5r, 0.0), axis=0)
-            gx += _weight(pi_ptr, AVG5, FIXED, ACC) * adj
+            gx += w_avg5 * adj
             alpha_a5 += tl.where(mask, xi * adj, 0.0)
         if AVG7 >= 0:
             adj = tl.sum(tl.where(fin, a7r, 0.0), axis=0)
-            gx += _weight(pi_ptr, AVG7, FIXED, ACC) * adj
+            gx += w_avg7 * adj
             alpha_a7 += tl.where(mask, xi * adj, 0.0)
-        x_row = x_base + i * sxh
         if MAX3 >= 0:
             adj = _max_adjoint(tl.sum(tl.where(fin, u3r, 0.0), axis=0), q2, x_row, sxw, W, i_in, 1, ACC)
-            gx += _weight(pi_ptr, MAX3, FIXED, ACC) * adj
+            gx += w_max3 * adj
             alpha_m3 += tl.where(mask, xi * adj, 0.0)
         if MAX5 >= 0:
             adj = _max_adjoint(tl.sum(tl.where(fin, u5r, 0.0), axis=0), q2, x_row, sxw, W, i_in, 2, ACC)
-            gx += _weight(pi_ptr, MAX5, FIXED, ACC) * adj
+            gx += w_max5 * adj
             alpha_m5 += tl.where(mask, xi * adj, 0.0)
         if MAX7 >= 0:
             adj = _max_adjoint(tl.sum(tl.where(fin, u7r, 0.0), axis=0), q2, x_row, sxw, W, i_in, 3, ACC)
-            gx += _weight(pi_ptr, MAX7, FIXED, ACC) * adj
+            gx += w_max7 * adj
             alpha_m7 += tl.where(mask, xi * adj, 0.0)
         if STRIP >= 0:
             i_safe = tl.minimum(tl.maximum(i, 0), H - 1)  # per-row values are used only under mask
             sh = tl.load(sh_ptr + planes[:, None] * H + i_safe, mask=plane_ok, other=0.0).to(ACC)
             gzh = tl.load(gzh_ptr + planes[:, None] * H + i_safe, mask=plane_ok, other=0.0).to(ACC)
             gx += w_strip * gi * sh * sw + gzh + gzw
-        tl.store(o_base + i * soh + q2 * sow, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_cols + i * soh, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
     if not FIXED:
         out = alpha_part_ptr + pid * n_pi
