@@ -562,6 +562,14 @@ def render(runs: Sequence[Dict[str, Any]], source: str = "bench/results") -> str
     return "\n".join(out)
 
 
+def predicted_section() -> str:
+    """GPU speed predicted from the compiled kernels (bench/predicted.py), kept apart from every
+    measured section; regenerated first when the kernels changed."""
+    from . import predicted
+    body = predicted.render(predicted.load())
+    return f"\n## Predicted from the compiled kernels: H100 (not measured)\n\n{body}" if body else ""
+
+
 def _anchor(text: str) -> str:
     keep = "".join(ch for ch in text.lower() if ch.isalnum() or ch in " -_")
     return keep.replace(" ", "-")
@@ -578,7 +586,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         src = src.resolve().relative_to(Path.cwd())
     except ValueError:
         pass
-    text = render(runs, source=str(src))
+    text = render(runs, source=str(src)) + predicted_section()
     Path(args.out).write_text(text)
     print(f"wrote {args.out} from {len(runs)} result file(s)")
     return 0
