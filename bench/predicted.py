@@ -204,7 +204,8 @@ def _steering(data: Dict[str, Any]) -> str:
         lines.append(f"- {name}: **not met** for {len(bad)} of {len(pool)} configurations ({kernels})")
     line("no spills", ok, [c for c in ok if c["spill_stores"] or c["spill_loads"]])
     line("forward: at least two resident 8-warp blocks (or 16 warps) per SM", fwd, [c for c in fwd if c["warps"] < 16])
-    line("vectorised (≥ 64-bit) global loads", ok, [c for c in ok if any(int(b) < 64 for b in c["ld"])])
+    line("vectorised (≥ 64-bit) loads of the main streams (widest global load)", ok,
+         [c for c in ok if max(int(b) for b in c["ld"]) < 64])
     return "\n".join(lines)
 
 

@@ -85,11 +85,13 @@ def test_kernel_compiles(compiled, job):
 
 
 def test_capture_is_the_real_launch_layout():
-    """The captured launches follow the GPU layout (the 8-channel cap, one lane per thread)."""
+    """The captured launches follow the GPU layout: the 8-channel cap, one lane per thread for
+    the search-mode kernels and four for the strip reductions."""
     for launch in aot.capture_launches(SHAPES[4], PAPER_CANDIDATES):
         c = launch["constexprs"]
-        assert c["PB"] <= 8 and c["PB"] * c["BLOCK"] <= 256
-        assert launch["num_warps"] == max(1, min(8, c["PB"] * c["BLOCK"] // 32))
+        per_thread = 4 if launch["kernel"] == "_strip_reduce_kernel" else 1
+        assert c["PB"] <= 8 and c["PB"] * c["BLOCK"] <= 256 * per_thread
+        assert launch["num_warps"] == max(1, min(8, c["PB"] * c["BLOCK"] // (32 * per_thread)))
 
 
 def test_ptx_memory_op_parser():
@@ -100,3 +102,14 @@ def test_ptx_memory_op_parser():
     ld.global.nc.L1::evict_last.v2.b64 { %rd4, %rd5 }, [ %rd6 ];
     """
     assert aot.ptx_memory_ops(ptx) == {"ld": {"32": 1, "128": 2}, "st": {"32": 1}}
+
+
+def test_predicted_table_renders():
+    """The committed predicted table renders, labelled as predicted, with the steering targets."""
+    from bench import predicted
+    data = predicted.load(regenerate_if_stale=False)
+    assert data is not None, f"{predicted.OUT_FILE} is missing: run python -m bench.predicted"
+    text = predicted.render(data)
+    assert text.startswith("**Predicted, not measured.**")
+    assert "no spills" in text and "resident" in text and "roofline" in text.lower()
+    assert all("error" not in c for c in data["configs"]), [c["error"] for c in data["configs"] if "error" in c]

@@ -405,27 +405,33 @@ def test_max_backward_nan_and_inf_follow_pytorch(device, name):
 # --------------------------------------------------------------------------------------------
 GPU_LAYOUTS = [
     # (SMs, shape, layout, candidates, what the layout must exercise)
-    (132, (1, 3, 33, 12), "contiguous", ("avg5", "max3", "strip", "skip"), {"chunks"}),
+    (132, (1, 3, 33, 12), "contiguous", ("avg5", "max3", "strip", "skip"), {"chunks", "vec"}),
     (8, (1, 16, 7, 7), "contiguous", ("max7", "avg3", "strip"), {"c_blocks"}),
-    (8, (1, 10, 32, 40), "channels_last", ("max7", "avg3", "strip", "skip"), {"chunks", "c_blocks", "tiles"}),
+    (8, (1, 10, 32, 40), "channels_last", ("max7", "avg3", "strip", "skip"), {"chunks", "c_blocks", "tiles", "vec"}),
+    (8, (1, 8, 32, 24), "contiguous", ("max7",), {"chunks", "vec"}),  # a fixed layer: 4 lanes per thread
 ]
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("sms,shape,layout,candidates,splits", GPU_LAYOUTS,
-                         ids=[f"sm{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}" for c in GPU_LAYOUTS])
+                         ids=[f"sm{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}-{len(c[3])}" for c in GPU_LAYOUTS])
 def test_gpu_launch_layouts(device, sms, shape, layout, candidates, splits):
-    """Row chunks, channel blocks (the 8-plane cap) and column tiles as the launchers lay them out
-    for a GPU with ``sms`` multiprocessors, forward and backward, against the reference."""
+    """Row chunks, channel blocks (the 8-plane cap), column tiles and vector widths as the
+    launchers lay them out for a GPU with ``sms`` multiprocessors, forward and backward, against
+    the reference."""
     from metapool_kernels.ops import meta_pool_triton as mpt
-    N, C, H, W = shape
-    cl = layout == "channels_last"
+    x = to_layout(torch.empty(shape), layout)
     R = mpt._radius(candidates)
-    for grid in (mpt._Grid(N, C, H, W, 0, mpt.FORWARD_MAX_BLOCK, sms, cl),
-                 mpt._Grid(N, C, H, W, R, mpt.BACKWARD_MAX_BLOCK, sms, cl)):
-        assert grid.pb <= mpt.GPU_MAX_PLANES and grid.pb * grid.block <= mpt.GPU_LANES
-    backward_grid = mpt._Grid(N, C, H, W, R, mpt.BACKWARD_MAX_BLOCK, sms, cl)
-    for split in splits:  # the case exists to exercise these splits: fail if it no longer does
+    per_thread = mpt._per_thread(candidates)
+    with mpt.gpu_layout(sms):
+        grids = [mpt._Grid.for_tensors((x,), 0, mpt.FORWARD_MAX_BLOCK, per_thread),
+                 mpt._Grid.for_tensors((x,), R, mpt.BACKWARD_MAX_BLOCK, per_thread)]
+    for grid in grids:
+        assert grid.pb <= mpt.GPU_MAX_PLANES and grid.pb * grid.block <= mpt.GPU_LANES * per_thread
+        assert grid.num_warps * 32 * per_thread == grid.pb * grid.block or grid.num_warps in (1, 8)
+    backward_grid = grids[1]
+    assert backward_grid.halo >= R and (backward_grid.channels_last or backward_grid.halo % backward_grid.vec == 0)
+    for split in splits:  # the case exists to exercise these: fail if it no longer does
         assert getattr(backward_grid, split) > 1, f"{split} = 1: the case no longer tests it"
     with mpt.gpu_layout(sms):
         run_and_check(shape, candidates, device, layout=layout)

@@ -138,6 +138,32 @@ def _row_partials(row_ptrs, cols, sw, row_ok, W, R: tl.constexpr, ACC: tl.conste
 
 
 @triton.jit
+def _aligned_strides(sn, sc, sh, sw, VEC: tl.constexpr, CL: tl.constexpr):
+    """The strides with every one but the unit stride written as a multiple of VEC (the launcher
+    checked that they are): the compiler can then prove the alignment vector accesses need."""
+    if VEC > 1:
+        sn = sn // VEC * VEC
+        sh = sh // VEC * VEC
+        if CL:
+            sw = sw // VEC * VEC
+        else:
+            sc = sc // VEC * VEC
+    return sn, sc, sh, sw
+
+
+@triton.jit
+def _aligned_extents(C, W, VEC: tl.constexpr, CL: tl.constexpr):
+    """C (NHWC) or W (NCHW), the extent of the contiguous axis, written as a multiple of VEC (the
+    launcher checked that it is): masks are then provably constant over each vector."""
+    if VEC > 1:
+        if CL:
+            C = C // VEC * VEC
+        else:
+            W = W // VEC * VEC
+    return C, W
+
+
+@triton.jit
 def _program_tile(C, W, c_blocks, PB: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr):
     """This program's sample n, channels [PB], strip-buffer rows n·C + c [PB] (int64), column
     vector [1, BLOCK] (with HALO extra columns each side), and first output column."""
@@ -157,12 +183,16 @@ def _meta_pool_forward_kernel(
     SKIP: tl.constexpr, AVG3: tl.constexpr, AVG5: tl.constexpr, AVG7: tl.constexpr,
     MAX3: tl.constexpr, MAX5: tl.constexpr, MAX7: tl.constexpr, STRIP: tl.constexpr, FIXED: tl.constexpr,
     R: tl.constexpr, RING: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr, CL: tl.constexpr,
 ):
     """out = Σ π_k op_k(x) over the candidates present, one row of PB channels × BLOCK columns at a time.
 
     sh, sw: σ(g_h) (N·C, H) and σ(g_w) (N·C, W) of the strip candidate (unused without it).
     """
+    C, W = _aligned_extents(C, W, VEC, CL)
     n, chans, planes, col2, c0 = _program_tile(C, W, c_blocks, PB, BLOCK, 0)
+    sxn, sxc, sxh, sxw = _aligned_strides(sxn, sxc, sxh, sxw, VEC, CL)
+    son, soc, soh, sow = _aligned_strides(son, soc, soh, sow, VEC, CL)
     chunk = tl.program_id(2)
     chan_ok = chans < C
     lane_ok = chan_ok[:, None] & (col2 < W)  # [PB, BLOCK]
@@ -255,13 +285,17 @@ def _strip_reduce_kernel(
     a_ptr, b_ptr, sh_ptr, sw_ptr, rows_out_ptr, cols_out_ptr,
     C, H, W, san, sac, sah, saw, sbn, sbc, sbh, sbw, rows_per_prog, c_blocks,
     WEIGHTED: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr, CL: tl.constexpr,
 ):
     """The strip reductions over one tile of columns × chunk of rows, as partials for torch to sum.
 
     WEIGHTED (backward, q = a·b = grad·x): rows_out[tile, plane, i] = Σ_j q·sw, cols_out[chunk,
     plane, j] = Σ_i q·sh. Otherwise (forward, q = a = x): the plain row and column sums of x.
     """
+    C, W = _aligned_extents(C, W, VEC, CL)
     n, chans, planes, col2, c0 = _program_tile(C, W, c_blocks, PB, BLOCK, 0)
+    san, sac, sah, saw = _aligned_strides(san, sac, sah, saw, VEC, CL)
+    sbn, sbc, sbh, sbw = _aligned_strides(sbn, sbc, sbh, sbw, VEC, CL)
     tile = tl.program_id(1)
     chunk = tl.program_id(2)
     n_planes = tl.num_programs(0) // c_blocks * C
@@ -344,21 +378,26 @@ def _meta_pool_backward_kernel(
     rows_per_prog, c_blocks, n_tiles, n_chunks, n_pi,
     SKIP: tl.constexpr, AVG3: tl.constexpr, AVG5: tl.constexpr, AVG7: tl.constexpr,
     MAX3: tl.constexpr, MAX5: tl.constexpr, MAX7: tl.constexpr, STRIP: tl.constexpr, FIXED: tl.constexpr,
-    R: tl.constexpr, RING: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    R: tl.constexpr, RING: tl.constexpr, HALO: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, VEC: tl.constexpr, CL: tl.constexpr,
 ):
     """grad_x of the mixture, and each program's α partials Σ x · adjoint_k(grad) at π's positions
     (alpha_part[program, k]; 0 at the strip's, which the launcher adds from the strip reductions).
 
     sh, sw: σ(g_h), σ(g_w); gzh, gzw: the gradients of the strip means, already divided by W, H.
     """
-    # The column vector covers this tile's outputs plus R halo columns each side: the gathers
-    # reach R columns out.
-    n, chans, planes, q2, c0 = _program_tile(C, W, c_blocks, PB, BLOCK, R)
+    # The column vector covers this tile's outputs plus HALO ≥ R columns each side (the gathers
+    # reach R columns out; HALO rounds R up to VEC so that NCHW tiles start aligned).
+    C, W = _aligned_extents(C, W, VEC, CL)
+    n, chans, planes, q2, c0 = _program_tile(C, W, c_blocks, PB, BLOCK, HALO)
+    sgn, sgc, sgh, sgw = _aligned_strides(sgn, sgc, sgh, sgw, VEC, CL)
+    sxn, sxc, sxh, sxw = _aligned_strides(sxn, sxc, sxh, sxw, VEC, CL)
+    son, soc, soh, sow = _aligned_strides(son, soc, soh, sow, VEC, CL)
     chunk = tl.program_id(2)
     pid = (tl.program_id(0).to(tl.int64) * n_tiles + tl.program_id(1)) * n_chunks + chunk
     plane_ok = (chans < C)[:, None]
     q_ok = plane_ok & (q2 >= 0) & (q2 < W)  # [PB, BLOCK]
-    out_ok = q_ok & (q2 >= c0) & (q2 < c0 + BLOCK - 2 * R)
+    out_ok = q_ok & (q2 >= c0) & (q2 < c0 + BLOCK - 2 * HALO)
     g_cols = g_ptr + (n.to(tl.int64) * sgn + chans.to(tl.int64)[:, None] * sgc + q2 * sgw)
     x_cols = x_ptr + (n.to(tl.int64) * sxn + chans.to(tl.int64)[:, None] * sxc + q2 * sxw)
     o_cols = gx_ptr + (n.to(tl.int64) * son + chans.to(tl.int64)[:, None] * soc + q2 * sow)
@@ -554,16 +593,23 @@ class _Grid:
     """How a launch splits N samples × C channels × W columns × H rows into programs.
 
     A program takes PB channels of one sample: in NHWC they are the contiguous axis (up to
-    GPU_MAX_PLANES of them, the column tile narrowing to keep GPU_LANES lanes); in NCHW they fill
-    the lanes that narrow planes (7×7, 14×14) leave. Rows are split into chunks only when there
-    are too few programs to fill the GPU (``sms`` streaming multiprocessors), since each chunk
-    re-reads its halo rows. ``sms=None`` is the interpreter's layout: whole planes per program.
+    GPU_MAX_PLANES of them, the column tile narrowing to keep its lanes); in NCHW they fill the
+    lanes that narrow planes (7×7, 14×14) leave. Rows are split into chunks only when there are
+    too few programs to fill the GPU (``sms`` streaming multiprocessors), since each chunk re-reads
+    its halo rows. ``sms=None`` is the interpreter's layout: whole planes per program.
+
+    A GPU thread holds ``per_thread`` lanes: 1 where rings of per-row partials fill the registers
+    (search mode keeps up to nine), 4 for the light kernels, whose loads then become vectors of
+    ``vec`` elements along the contiguous axis wherever the strides allow (see _vector_width).
     """
 
     def __init__(self, N: int, C: int, H: int, W: int, halo: int, max_block: int, sms: Optional[int] = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, per_thread: int = 1, vec: int = 1):
         on_gpu = sms is not None
-        lanes = GPU_LANES if on_gpu else INTERPRETER_LANES
+        if halo and vec > 1 and not channels_last:  # NCHW column tiles start on a vector boundary
+            halo = -(-halo // vec) * vec
+        self.halo, self.vec, self.channels_last = halo, vec, channels_last
+        lanes = (GPU_LANES * per_thread) if on_gpu else INTERPRETER_LANES
         min_block = _next_pow2(2 * halo + 2)
         chans = _next_pow2(C)
         if channels_last and on_gpu:
@@ -581,18 +627,46 @@ class _Grid:
         self.rows = max(1, rows)
         self.chunks = triton.cdiv(H, self.rows) if H > 0 else 1
         self.grid = (N * self.c_blocks, self.tiles, self.chunks)
-        # One lane per thread: every ring holds RING values per lane, so lanes per thread multiply
-        # register pressure (search mode keeps up to nine rings live).
-        self.num_warps = max(1, min(8, self.pb * self.block // 32))
+        self.num_warps = max(1, min(8, self.pb * self.block // (32 * per_thread)))
 
     @classmethod
-    def for_tensor(cls, x: torch.Tensor, halo: int, max_block: int) -> "_Grid":
+    def for_tensors(cls, tensors: Sequence[torch.Tensor], halo: int, max_block: int, per_thread: int = 1) -> "_Grid":
+        """The layout for a launch over ``tensors`` (all of x's shape; the first one is x)."""
+        x = tensors[0]
         N, C, H, W = x.shape
-        return cls(N, C, H, W, halo, max_block, _sm_count(x.device), output_format(x) == torch.channels_last)
+        channels_last = output_format(x) == torch.channels_last
+        return cls(N, C, H, W, halo, max_block, _sm_count(x.device), channels_last, per_thread,
+                   _vector_width(tensors, channels_last))
 
     @property
     def programs(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def constexprs(self) -> Dict[str, object]:
+        return dict(PB=self.pb, BLOCK=self.block, VEC=self.vec, CL=self.channels_last)
+
+
+def _vector_width(tensors: Sequence[torch.Tensor], channels_last: bool) -> int:
+    """The largest of 4 and 2 that divides every stride but the unit one of every tensor, all
+    dense in the same layout (NCHW, or NHWC with channels_last), and the extent of the contiguous
+    axis; else 1. The kernels rewrite those as multiples of it, so the compiler can prove aligned
+    vector accesses; a wrong answer here would change the numbers, which the interpreter tests
+    would see."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if not all(t.is_contiguous(memory_format=fmt) for t in tensors):
+        return 1
+    unit = 1 if channels_last else 3
+    strides = [st for t in tensors for d, st in enumerate(t.stride()) if d != unit]
+    strides.append(tensors[0].shape[unit])  # the contiguous axis's extent too: the masks' vectors
+    return next((v for v in (4, 2) if all(st % v == 0 for st in strides)), 1)
+
+
+# Lanes per GPU thread: the search-mode kernels hold rings of partials for several candidates.
+LIGHT_PER_THREAD = 4
+
+
+def _per_thread(names: Sequence[str]) -> int:
+    return LIGHT_PER_THREAD if len(names) == 1 else 1
 
 
 _layout_sms: Optional[int] = None  # set by gpu_layout(): lay launches out as on such a GPU
@@ -652,15 +726,15 @@ def _strip_reduce(a: torch.Tensor, b: Optional[torch.Tensor] = None, sh: Optiona
     b: the plain row and column sums of a."""
     N, C, H, W = a.shape
     acc = compute_dtype(a.dtype)
-    grid = _Grid.for_tensor(a, 0, FORWARD_MAX_BLOCK)
-    rows = torch.empty((grid.tiles, N * C, H), dtype=acc, device=a.device)
-    cols = torch.empty((grid.chunks, N * C, W), dtype=acc, device=a.device)
     weighted = b is not None
     b = b if weighted else a
+    grid = _Grid.for_tensors((a, b), 0, FORWARD_MAX_BLOCK, LIGHT_PER_THREAD)
+    rows = torch.empty((grid.tiles, N * C, H), dtype=acc, device=a.device)
+    cols = torch.empty((grid.chunks, N * C, W), dtype=acc, device=a.device)
     _strip_reduce_kernel[grid.grid](
         a, b, sh if weighted else rows, sw if weighted else rows, rows, cols,
         C, H, W, *_strides(a), *_strides(b), grid.rows, grid.c_blocks,
-        WEIGHTED=weighted, PB=grid.pb, BLOCK=grid.block, ACC=_acc(a.dtype), num_warps=grid.num_warps)
+        WEIGHTED=weighted, ACC=_acc(a.dtype), **grid.constexprs(), num_warps=grid.num_warps)
     return rows.sum(0).view(N, C, H), cols.sum(0).view(N, C, W)
 
 
@@ -695,12 +769,12 @@ def forward(
             z_h, z_w = x.new_empty((N, C, 0), dtype=acc), x.new_empty((N, C, 0), dtype=acc)
             sh = sw = out  # never read
         R = _radius(names)
-        grid = _Grid.for_tensor(x, 0, FORWARD_MAX_BLOCK)
+        grid = _Grid.for_tensors((x, out), 0, FORWARD_MAX_BLOCK, _per_thread(names))
         _meta_pool_forward_kernel[grid.grid](
             x, x if pi is None else pi, sh, sw, out,
             C, H, W, *_strides(x), *_strides(out), grid.rows, grid.c_blocks,
-            **_slots(names), FIXED=pi is None,
-            R=R, RING=_ring(R), PB=grid.pb, BLOCK=grid.block, ACC=_acc(x.dtype), num_warps=grid.num_warps,
+            **_slots(names), FIXED=pi is None, R=R, RING=_ring(R), ACC=_acc(x.dtype), **grid.constexprs(),
+            num_warps=grid.num_warps,
         )
     return out, z_h, z_w
 
@@ -746,14 +820,14 @@ def backward(
             gzh, gzw = (grad_zh / W).contiguous(), (grad_zw / H).contiguous()
 
         R = _radius(names)
-        grid = _Grid.for_tensor(x, R, BACKWARD_MAX_BLOCK)
+        grid = _Grid.for_tensors((x, grad, grad_x), R, BACKWARD_MAX_BLOCK, _per_thread(names))
         alpha_part = grad_x if fixed else torch.empty((grid.programs, len(names)), dtype=acc, device=x.device)
         _meta_pool_backward_kernel[grid.grid](
             grad, x, x if fixed else pi, grad_x, alpha_part, sh, sw, gzh, gzw,
             C, H, W, *_strides(grad), *_strides(x), *_strides(grad_x),
             grid.rows, grid.c_blocks, grid.tiles, grid.chunks, len(names),
-            **_slots(names), FIXED=fixed,
-            R=R, RING=_ring(R), PB=grid.pb, BLOCK=grid.block, ACC=_acc(x.dtype), num_warps=grid.num_warps,
+            **_slots(names), FIXED=fixed, R=R, RING=_ring(R), HALO=grid.halo, ACC=_acc(x.dtype),
+            **grid.constexprs(), num_warps=grid.num_warps,
         )
         if fixed:
             grad_pi = x.new_empty(0, dtype=acc)
