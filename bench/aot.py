@@ -163,6 +163,7 @@ def _ptxas(ptx: str, arch: int) -> Dict[str, int]:
 
 
 _MEMORY_OP = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)+)")
+_ASYNC_COPY = re.compile(r"\bcp\.async\.\w+\.shared\.global(?:\.[\w:]+)*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
 def ptx_memory_ops(ptx: str) -> Dict[str, Dict[str, int]]:
@@ -176,6 +177,10 @@ def ptx_memory_ops(ptx: str) -> Dict[str, Dict[str, int]]:
             elif re.fullmatch(r"[bfus]\d+", token):
                 bits = int(token[1:])
         counts[m.group(1)][str(vec * bits)] += 1
+    # Loads the software pipeliner turned into asynchronous copies to shared memory (the next
+    # rows' data fetched while the current row computes): their last operand is the size in bytes.
+    for m in _ASYNC_COPY.finditer(ptx):
+        counts["ld"][str(int(m.group(1), 0) * 8)] += 1
     return {op: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for op, c in counts.items()}
 
 

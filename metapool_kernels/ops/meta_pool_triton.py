@@ -23,7 +23,9 @@ Every tensor is addressed through its strides, so NCHW and channels_last (NHWC) 
 read in place; in NHWC the PB channels are the contiguous axis. Window ops are separable: a row's
 horizontal partials (sums / maxima / argmax over k columns) come from shifted loads of that row;
 the vertical half reduces over a ring of the last RING rows' partials held in registers, so k=3, 5
-and 7 share one ring slot per row instead of three independent windows. No atomics anywhere:
+and 7 share one ring slot per row instead of three independent windows. The row loops are
+software-pipelined (``tl.range(..., num_stages=2)``): on the GPU the next row's loads are in flight
+as asynchronous copies while the current row computes. No atomics anywhere:
 cross-program sums are written as partials and reduced by torch, so results are bitwise
 reproducible.
 
@@ -228,7 +230,7 @@ def _meta_pool_forward_kernel(
     m5r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
     m7r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
 
-    for step in range(0, r1 - r0 + 2 * R):
+    for step in tl.range(0, r1 - r0 + 2 * R, num_stages=2):
         t = r0 - R + step  # newest input row
         if R > 0:
             t_ok = lane_ok & (t >= 0) & (t < H)
@@ -308,7 +310,7 @@ def _strip_reduce_kernel(
     if WEIGHTED:
         sw = tl.load(sw_ptr + planes[:, None] * W + col2, mask=lane_ok, other=0.0).to(ACC)
     col_acc = tl.zeros([PB, BLOCK], ACC)
-    for i in range(r0, r1):
+    for i in tl.range(r0, r1, num_stages=2):
         q = tl.load(a_base + i * sah + col2 * saw, mask=lane_ok, other=0.0).to(ACC)
         if WEIGHTED:
             q *= tl.load(b_base + i * sbh + col2 * sbw, mask=lane_ok, other=0.0).to(ACC)
@@ -447,7 +449,7 @@ def _meta_pool_backward_kernel(
 
     # Row t of x enters the ring; output row p = t - R scatters its gradient into the element
     # rows [p - R, p + R]; element row i = t - 2R has received everything and is finished.
-    for step in range(0, r1 - r0 + 4 * R):
+    for step in tl.range(0, r1 - r0 + 4 * R, num_stages=2):
         t = r0 - 2 * R + step
         slot = step % RING
         sel = (slots == slot)[:, None, None]
@@ -661,12 +663,15 @@ def _vector_width(tensors: Sequence[torch.Tensor], channels_last: bool) -> int:
     return next((v for v in (4, 2) if all(st % v == 0 for st in strides)), 1)
 
 
-# Lanes per GPU thread: the search-mode kernels hold rings of partials for several candidates.
+# Lanes per GPU thread: the search-mode kernels hold rings of partials for several candidates,
+# a fixed 5- or 7-wide window keeps that many shifted rows in flight; the rest is light.
 LIGHT_PER_THREAD = 4
 
 
 def _per_thread(names: Sequence[str]) -> int:
-    return LIGHT_PER_THREAD if len(names) == 1 else 1
+    if len(names) > 1:
+        return 1
+    return 2 if _radius(names) >= 2 else LIGHT_PER_THREAD
 
 
 _layout_sms: Optional[int] = None  # set by gpu_layout(): lay launches out as on such a GPU
