@@ -37,7 +37,8 @@ def _cases():
         for shape in SHAPES:
             yield 90, shape, PAPER_CANDIDATES, torch.float32, channels_last, False
         for dtype in (torch.float16, torch.bfloat16):
-            yield 90, SHAPES[1], PAPER_CANDIDATES, dtype, channels_last, False
+            for shape in (SHAPES[1], SHAPES[4]):
+                yield 90, shape, PAPER_CANDIDATES, dtype, channels_last, False
         for name in FIXED:
             yield 90, SHAPES[1], (name,), torch.float32, channels_last, True
     yield 90, SHAPES[3], PAPER_CANDIDATES, torch.float64, False, False

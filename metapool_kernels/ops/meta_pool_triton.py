@@ -23,9 +23,10 @@ Every tensor is addressed through its strides, so NCHW and channels_last (NHWC) 
 read in place; in NHWC the PB channels are the contiguous axis. Window ops are separable: a row's
 horizontal partials (sums / maxima / argmax over k columns) come from shifted loads of that row;
 the vertical half reduces over a ring of the last RING rows' partials held in registers, so k=3, 5
-and 7 share one ring slot per row instead of three independent windows. The row loops are
-software-pipelined (``tl.range(..., num_stages=2)``): on the GPU the next row's loads are in flight
-as asynchronous copies while the current row computes. No atomics anywhere:
+and 7 share one ring slot per row instead of three independent windows. The forward's and the
+strip reductions' row loops are software-pipelined (``tl.range(..., num_stages=2)``): on the GPU
+the next row's loads are in flight as asynchronous copies while the current row computes (the
+backward's registers are too full for it: pipelined, it spills). No atomics anywhere:
 cross-program sums are written as partials and reduced by torch, so results are bitwise
 reproducible.
 
@@ -449,7 +450,7 @@ def _meta_pool_backward_kernel(
 
     # Row t of x enters the ring; output row p = t - R scatters its gradient into the element
     # rows [p - R, p + R]; element row i = t - 2R has received everything and is finished.
-    for step in tl.range(0, r1 - r0 + 4 * R, num_stages=2):
+    for step in range(0, r1 - r0 + 4 * R):  # not pipelined: its registers are full
         t = r0 - 2 * R + step
         slot = step % RING
         sel = (slots == slot)[:, None, None]
