@@ -18,7 +18,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: all venv deps data build test test-fast demo ablation bench bench-report clean help
+.PHONY: all venv deps data build test test-fast demo ablation bench bench-report gpu-check clean help
 
 all: test
 
@@ -27,6 +27,7 @@ help:
 	@echo "make ablation - the paper's Table 3 on Fashion-MNIST, 3 seeds (about 3 h; resumable)"
 	@echo "make test   - the test suite (sets everything up)"
 	@echo "make bench  - latency suites into bench/results/"
+	@echo "make gpu-check - on a CUDA GPU: build, the CUDA tests, the quick benchmark (< 10 min)"
 
 $(PY):
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -68,6 +69,15 @@ bench: build
 
 bench-report:
 	$(PY) -m bench.report
+
+# On a machine with a CUDA GPU, everything that needs one, in under 10 minutes: build (the CUDA
+# kernels too), every CUDA-parametrised test, and the quick benchmark (a result JSON in
+# bench/results/, bench/RESULTS.md re-rendered). Commit bench/results/*.json to keep the numbers.
+gpu-check: build
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA GPU: torch.cuda.is_available() is False')"
+	@$(PY) -c "import sys; from metapool_kernels import _extension as e; sys.exit(0 if e.has_cuda_kernels() else 'the extension was built without CUDA kernels: install a CUDA toolkit (nvcc), then make clean gpu-check')"
+	$(PY) -m pytest tests -q -ra -k cuda -p no:cacheprovider
+	$(MAKE) bench BENCH_SCOPE=quick BENCH_DEVICE=cuda
 
 clean:
 	rm -rf build *.egg-info metapool_kernels/*.so build.log

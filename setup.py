@@ -2,11 +2,13 @@
 
 The CPU kernels are always built. The CUDA kernels are built whenever a CUDA toolkit is found
 (even on a machine without a GPU, so nvcc checks them), for the architectures in
-TORCH_CUDA_ARCH_LIST (default: 8.0 and 9.0). METAPOOL_NO_CUDA=1 turns them off.
+TORCH_CUDA_ARCH_LIST (default: 8.0 and 9.0), with PTX of the newest one embedded so that newer
+GPUs JIT-compile it. METAPOOL_NO_CUDA=1 turns them off.
 """
 import glob
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 
@@ -60,6 +62,17 @@ def find_cuda_home():
     return None
 
 
+def with_ptx(arch_list: str) -> str:
+    """The arch list with PTX of its newest architecture embedded ("+PTX"): a newer GPU than any
+    listed JIT-compiles that PTX instead of failing with "no kernel image is available"."""
+    archs = [a.strip() for a in arch_list.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    if not archs or any(a.endswith("+PTX") for a in archs):
+        return ";".join(archs)
+    newest = max(range(len(archs)), key=lambda i: float(re.match(r"[0-9.]*", archs[i]).group() or 0))
+    archs[newest] += "+PTX"
+    return ";".join(archs)
+
+
 def want_cuda() -> bool:
     return os.environ.get("METAPOOL_NO_CUDA", "0") not in ("1", "true", "yes")
 
@@ -68,7 +81,7 @@ CUDA_HOME = find_cuda_home() if want_cuda() else None
 if CUDA_HOME:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = CUDA_HOME
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = with_ptx(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402

@@ -730,6 +730,14 @@ def cpu_machine_note(runs: Sequence[Dict[str, Any]]) -> str:
     return "\n\n".join(lines)
 
 
+def predicted_section(regenerate: bool = True) -> str:
+    """GPU speed predicted from the compiled kernels (bench/predicted.py), kept apart from every
+    measured section; with ``regenerate``, recompiled first when the kernels changed."""
+    from . import predicted
+    body = predicted.render(predicted.load(regenerate_if_stale=regenerate))
+    return f"\n## Predicted from the compiled kernels: H100 (not measured)\n\n{body}" if body else ""
+
+
 def _anchor(text: str) -> str:
     keep = "".join(ch for ch in text.lower() if ch.isalnum() or ch in " -_")
     return keep.replace(" ", "-")
@@ -746,7 +754,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         src = src.resolve().relative_to(Path.cwd())
     except ValueError:
         pass
-    text = render(runs, source=str(src))
+    # The predicted section is recompiled (when stale) only for the repository's own RESULTS.md.
+    text = render(runs, source=str(src)) + predicted_section(regenerate=Path(args.out).resolve() == OUT_FILE)
     Path(args.out).write_text(text)
     print(f"wrote {args.out} from {len(runs)} result file(s)")
     return 0

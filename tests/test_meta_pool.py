@@ -9,6 +9,7 @@ except for the few cases that exist to stress tiling.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -19,12 +20,19 @@ import torch.nn.functional as F
 import independent
 from helpers import PARAM_GRAD_MULT, TOL, X_GRAD_MULT, assert_rel_close, randn, to_layout
 from metapool_kernels import PAPER_CANDIDATES, FusedMetaPooling, MetaPooling
+from metapool_kernels.ops.strip_gate import output_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
+
+
+def triton_kernels(device):
+    """The op's Triton kernels on ``device``: compiled on CUDA, the interpreter's on CPU tensors."""
+    from metapool_kernels.ops.meta_pool import triton_on_cpu
+    return triton_on_cpu() if device == "cpu" else contextlib.nullcontext()
 
 
 def make_layer(channels, candidates, device, seed, fixed=None):
@@ -43,6 +51,8 @@ def make_layer(channels, candidates, device, seed, fixed=None):
 def run_and_check(shape, candidates, device, dtype=torch.float32, fixed=None, seed=0, layout="contiguous"):
     """Forward + backward through the Triton path vs the independent float64 reference."""
     layer = make_layer(shape[1], candidates, device, seed, fixed)
+    if dtype == torch.float64:  # float64 parameters too, so every gradient can be held to 1e-12
+        layer.double()
     x = randn(shape, seed + 1, dtype, device)
     grad_out = randn(shape, seed + 2, dtype, device)
     xin = to_layout(x, layout).requires_grad_()
@@ -137,10 +147,10 @@ def test_fixed_layer_launches_only_its_op(monkeypatch, fixed):
     """A fixed layer runs a kernel specialised to its op alone (nothing at all for skip)."""
     if not (INTERPRET or torch.cuda.is_available()):
         pytest.skip("needs the interpreter or a GPU")
-    from metapool_kernels.ops import meta_pool as mp
+    from metapool_kernels.ops import meta_pool_triton as mpt
     seen = []
-    real = mp._flags
-    monkeypatch.setattr(mp, "_flags", lambda names: seen.append(tuple(names)) or real(names))
+    real = mpt._slots
+    monkeypatch.setattr(mpt, "_slots", lambda names: seen.append(tuple(names)) or real(names))
     device = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
     layer = make_layer(2, PAPER_CANDIDATES, device, 0, fixed)
     x = randn((1, 2, 4, 5), 1, device=device).requires_grad_()
@@ -268,8 +278,9 @@ def _gradcheck_inputs(shape, candidates, device):
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_gradcheck_search(device):
     meta_pool, x, alpha, gates = _gradcheck_inputs((1, 2, 4, 5), PAPER_CANDIDATES, device)
-    assert torch.autograd.gradcheck(lambda x, a, *g: meta_pool(x, a, PAPER_CANDIDATES, g),
-                                    (x, alpha, *gates), fast_mode=True)
+    with triton_kernels(device):
+        assert torch.autograd.gradcheck(lambda x, a, *g: meta_pool(x, a, PAPER_CANDIDATES, g),
+                                        (x, alpha, *gates), fast_mode=True)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -280,7 +291,8 @@ def test_gradcheck_fixed(device, fixed):
         fn, inputs = (lambda x, *g: meta_pool(x, None, (fixed,), g)), (x, *gates)
     else:
         fn, inputs = (lambda x: meta_pool(x, None, (fixed,))), (x,)
-    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    with triton_kernels(device):
+        assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -291,25 +303,33 @@ def test_opcheck(device):
     x = torch.randn(1, C, 3, 4, generator=g).to(device).requires_grad_()
     pi = torch.softmax(torch.randn(3, generator=g), 0).to(device).requires_grad_()
     gates = [torch.randn(s, generator=g).to(device).requires_grad_() for s in ((C, C, 1), (C,), (C, C, 1), (C,))]
-    torch.library.opcheck(torch.ops.metapool.meta_pool.default, (x, pi, *gates, "skip,max3,strip"))
-    out, z_h, z_w = torch.ops.metapool.meta_pool(x, pi, *gates, "skip,max3,strip")
-    torch.library.opcheck(torch.ops.metapool.meta_pool_backward.default,
-                          (torch.randn_like(out), x.detach(), pi.detach(), *[t.detach() for t in gates], z_h, z_w,
-                           "skip,max3,strip"))
+    with triton_kernels(device):
+        for xin in (x, x.detach().to(memory_format=torch.channels_last).requires_grad_()):
+            torch.library.opcheck(torch.ops.metapool.meta_pool.default, (xin, pi, *gates, "skip,max3,strip"))
+            out, z_h, z_w = torch.ops.metapool.meta_pool(xin, pi, *gates, "skip,max3,strip")
+            torch.library.opcheck(torch.ops.metapool.meta_pool_backward.default,
+                                  (torch.randn_like(out), xin.detach(), pi.detach(), *[t.detach() for t in gates],
+                                   z_h, z_w, "skip,max3,strip"))
+        torch.library.opcheck(torch.ops.metapool.meta_pool.default, (x, None, None, None, None, None, "max5"))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_torch_compile_fullgraph(device):
-    """A model using the layer compiles without graph breaks and gives the eager numbers."""
+    """A model using the layer compiles without graph breaks and gives the eager numbers. The
+    layer calls the op (backend "auto"); on CPU tensors triton_on_cpu() makes the op's kernels
+    the Triton ones, so the Triton path is what is compiled and run."""
     torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), make_layer(3, PAPER_CANDIDATES, device, 2)).to(device)
+    layer = make_layer(3, PAPER_CANDIDATES, device, 2)
+    layer.backend = "auto"
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), layer).to(device)
     x = randn((1, 2, 5, 6), 8, device=device)
-    eager = model(x)
     backend = "inductor" if device == "cuda" else "aot_eager"
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
-    out = compiled(x)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    out.sum().backward()
+    with triton_kernels(device):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        out = compiled(x)
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+        out.sum().backward()
     assert model[1].alpha.grad is not None and model[0].weight.grad is not None
 
 
@@ -337,3 +357,321 @@ def test_state_dict_interchangeable_with_reference():
     fused = FusedMetaPooling(3, backend="triton")
     assert list(ref.state_dict()) == list(fused.state_dict())
     fused.load_state_dict(ref.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# float64: exact on the Triton path too
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("fixed,layout", [(None, "contiguous"), (None, "channels_last"), ("avg7", "contiguous"),
+                                          ("max5", "noncontiguous"), ("strip", "contiguous")])
+def test_float64_exact(device, fixed, layout):
+    """float64 in, float64 accumulation: held to 1e-12 (window counts, weights and the strip term
+    all in float64)."""
+    run_and_check((1, 2, 6, 7), PAPER_CANDIDATES, device, dtype=torch.float64, fixed=fixed, layout=layout)
+
+
+# --------------------------------------------------------------------------------------------
+# NaN in the max backward: max_pool2d's order
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("name", ["max3", "max5", "max7"])
+def test_max_backward_nan_and_inf_follow_pytorch(device, name):
+    """max_pool2d scans a window row by row and lets a value take over when it is larger or NaN:
+    a window holding NaNs sends its gradient to the last NaN in row-major order, an all -inf
+    window to its first element. Several NaNs per window, in one row, one column, and apart."""
+    x = randn((1, 2, 9, 10), 21)
+    nan = float("nan")
+    x[0, 0, 2, 3] = x[0, 0, 2, 5] = nan  # same row
+    x[0, 0, 5, 3] = x[0, 0, 7, 3] = nan  # same column
+    x[0, 1, 1, 1] = x[0, 1, 3, 4] = x[0, 1, 8, 9] = nan  # apart
+    x[0, 1, 5:9, 0:4] = float("-inf")
+    x = x.to(device)
+    grad_out = randn(x.shape, 22, device=device)
+    xf = x.clone().requires_grad_()
+    out = FusedMetaPooling(2, (name,), backend="triton").to(device)(xf)
+    out.backward(grad_out)
+    xr = x.cpu().clone().requires_grad_()
+    k = int(name[3:])
+    ref = F.max_pool2d(xr, k, stride=1, padding=k // 2)
+    ref.backward(grad_out.cpu())
+    assert torch.equal(out.isnan().cpu(), ref.isnan())
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(xf.grad.cpu(), xr.grad, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU launch layouts, run through the interpreter
+# --------------------------------------------------------------------------------------------
+GPU_LAYOUTS = [
+    # (SMs, shape, layout, candidates, what the layout must exercise)
+    (132, (1, 3, 33, 12), "contiguous", ("avg5", "max3", "strip", "skip"), {"chunks", "vec"}),
+    (8, (1, 16, 7, 7), "contiguous", ("max7", "avg3", "strip"), {"c_blocks"}),
+    (8, (1, 10, 32, 40), "channels_last", ("max7", "avg3", "strip", "skip"), {"chunks", "c_blocks", "tiles", "vec"}),
+    (8, (1, 8, 32, 24), "contiguous", ("max7",), {"chunks", "vec"}),  # a fixed layer: 4 lanes per thread
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("sms,shape,layout,candidates,splits", GPU_LAYOUTS,
+                         ids=[f"sm{c[0]}-{'x'.join(map(str, c[1]))}-{c[2]}-{len(c[3])}" for c in GPU_LAYOUTS])
+def test_gpu_launch_layouts(device, sms, shape, layout, candidates, splits):
+    """Row chunks, channel blocks (the 8-plane cap), column tiles and vector widths as the
+    launchers lay them out for a GPU with ``sms`` multiprocessors, forward and backward, against
+    the reference."""
+    from metapool_kernels.ops import meta_pool_triton as mpt
+    x = to_layout(torch.empty(shape), layout)
+    R = mpt._radius(candidates)
+    per_thread = mpt._per_thread(candidates)
+    with mpt.gpu_layout(sms):
+        grids = [mpt._Grid.for_tensors((x,), 0, mpt.FORWARD_MAX_BLOCK, per_thread),
+                 mpt._Grid.for_tensors((x,), R, mpt.BACKWARD_MAX_BLOCK, per_thread)]
+    for grid in grids:
+        assert grid.pb <= mpt.GPU_MAX_PLANES and grid.pb * grid.block <= mpt.GPU_LANES * per_thread
+        assert grid.num_warps * 32 * per_thread == grid.pb * grid.block or grid.num_warps in (1, 8)
+    backward_grid = grids[1]
+    assert backward_grid.halo >= R and (backward_grid.channels_last or backward_grid.halo % backward_grid.vec == 0)
+    for split in splits:  # the case exists to exercise these: fail if it no longer does
+        assert getattr(backward_grid, split) > 1, f"{split} = 1: the case no longer tests it"
+    with mpt.gpu_layout(sms):
+        run_and_check(shape, candidates, device, layout=layout)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA hot paths without a GPU: no host sync, copy or data-dependent shape; every launch under
+# its tensors' device; no copy of x in either layout. The launchers run on fake CUDA tensors
+# (FakeTensorMode) with the kernels replaced by recorders.
+# --------------------------------------------------------------------------------------------
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+aten = torch.ops.aten
+SYNCING_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+               aten.unique_consecutive.default, aten._unique2.default, aten.item.default}
+FACTORY_OPS = {"empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full",
+               "full_like", "new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided", "clone"}
+
+
+class HostTraffic(TorchDispatchMode):
+    """Flags every op that would copy between host and device or read a device value on the
+    host, and records the sizes of the tensors the ops allocate."""
+
+    def __init__(self):
+        super().__init__()
+        self.problems, self.allocations = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if func in SYNCING_OPS:
+            self.problems.append(f"{func}: reads a device value on the host")
+        if name in ("lift_fresh", "lift_fresh_copy"):
+            self.problems.append(f"{func}: a tensor built from host data")
+        if any(t.is_cuda for t in ins) and any(t.device.type == "cpu" and t.dim() > 0 for t in ins):
+            self.problems.append(f"{func}: mixes host and device tensors {[str(t.device) for t in ins]}")
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if name in ("_to_copy", "copy_", "to") and {t.device for t in ins + outs} != {outs[0].device}:
+            self.problems.append(f"{func}: copies between devices")
+        if name in FACTORY_OPS or name == "_to_copy":
+            self.allocations += [(name, t.numel()) for t in outs]
+        return out
+
+
+class LaunchRecorder:
+    """Stands in for a Triton kernel: records each launch and the guarded device it ran under."""
+
+    def __init__(self, name, launches, guard):
+        self.name, self.launches, self.guard = name, launches, guard
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.launches.append((self.name, self.guard[-1] if self.guard else None, {t.device for t in tensors}))
+        return launch
+
+
+@pytest.fixture
+def fake_cuda_launches(monkeypatch):
+    from metapool_kernels.ops import meta_pool_triton as mpt
+    launches, guard = [], []
+
+    @contextlib.contextmanager
+    def on_device(t):
+        guard.append(t.device)
+        try:
+            yield
+        finally:
+            guard.pop()
+
+    monkeypatch.setattr(mpt, "_on_device", on_device)
+    for kernel in ("_meta_pool_forward_kernel", "_meta_pool_backward_kernel", "_strip_reduce_kernel"):
+        monkeypatch.setattr(mpt, kernel, LaunchRecorder(kernel, launches, guard))
+    return mpt, launches
+
+
+def _fake_args(mode, shape, names, device, channels_last=False):
+    g = torch.Generator().manual_seed(0)
+    C = shape[1]
+    x = torch.randn(shape, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    pi = torch.softmax(torch.randn(len(names), generator=g), 0)
+    gates = [torch.randn(s, generator=g) for s in ((C, C, 1), (C,), (C, C, 1), (C,))]
+    with mode:  # leave FakeTensorMode's conversions out of the recorded ops
+        return [mode.from_tensor(t).to(device) for t in (x, pi, *gates)]
+
+
+@pytest.mark.parametrize("names,fixed,channels_last", [
+    (PAPER_CANDIDATES, False, False), (PAPER_CANDIDATES, False, True), (("max5",), True, False), (("strip",), True, True),
+])
+def test_cuda_hot_path_has_no_host_traffic(fake_cuda_launches, names, fixed, channels_last):
+    """forward and backward on CUDA tensors of a second device: no host↔device copy, sync or
+    data-dependent shape; every launch under its tensors' device; the only tensors of x's size
+    allocated are the outputs (no copy of x, channels_last or not)."""
+    mpt, launches = fake_cuda_launches
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    shape = (2, 8, 14, 14)
+    x, pi, *gates = _fake_args(mode, shape, names, "cuda:1", channels_last)
+    candidates = ",".join(names)
+    traffic = HostTraffic()
+    with mode, traffic, mpt.gpu_layout(132):
+        out, z_h, z_w = mpt.forward(x, None if fixed else pi, *gates, candidates)
+        grads = mpt.backward(torch.ones_like(out), x, None if fixed else pi, *gates, z_h, z_w, candidates)
+    assert traffic.problems == []
+    assert launches and all(dev == torch.device("cuda:1") and devs == {dev} for _, dev, devs in launches), launches
+    assert {name for name, _, _ in launches} >= {"_meta_pool_forward_kernel", "_meta_pool_backward_kernel"}
+    x_sized = [a for a in traffic.allocations if a[1] == x.numel()]
+    assert len(x_sized) == 3, x_sized  # out, the backward's ones_like, grad_x
+    expected_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected_format) and grads[0].is_contiguous(memory_format=expected_format)
+
+
+def test_host_traffic_check_can_fail(fake_cuda_launches):
+    """The check above catches the pattern it exists for: π scattered with a host index list."""
+    mode = FakeTensorMode()
+    _, pi, *_ = _fake_args(mode, (1, 2, 4, 4), ("avg3", "max3"), "cuda:1")
+    traffic = HostTraffic()
+    with mode, traffic:
+        w = torch.zeros(8, dtype=pi.dtype, device=pi.device)
+        w[[1, 4]] = pi[[0, 1]]
+    assert traffic.problems
+
+
+def test_layer_forward_has_no_host_traffic():
+    """A whole searchable layer's forward on CUDA tensors (the op's fake kernel stands in for the
+    device's): the softmax of α, the gate parameters and the op call add no host traffic. (Its
+    backward is the backward op alone; the autograd engine needs a real GPU to run on CUDA tensors.)"""
+    mode = FakeTensorMode()
+    with mode, torch.device("cuda:1"):
+        layer = FusedMetaPooling(4)
+        x = torch.empty(2, 4, 8, 8).requires_grad_()
+    traffic = HostTraffic()
+    with mode, traffic:
+        out = layer(x)
+    assert traffic.problems == []
+    assert out.device == torch.device("cuda:1") and out.requires_grad
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("fixed", [None, "max7"])
+def test_cuda_step_syncs_never(fixed):
+    """A layer step with torch's sync debug mode set to error: any synchronising call raises."""
+    layer = make_layer(16, PAPER_CANDIDATES, "cuda", 0, fixed)
+    x = randn((4, 16, 28, 28), 1, device="cuda").requires_grad_()
+    layer(x).sum().backward()  # warm-up: compiles the kernels, caches the SM count
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_graph_capture(channels_last):
+    """Forward and backward of a searchable layer replay from a captured CUDA graph with the
+    eager numbers."""
+    layer = make_layer(8, PAPER_CANDIDATES, "cuda", 0)
+    x = randn((2, 8, 14, 14), 1, device="cuda")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad_out = randn(x.shape, 2, device="cuda")
+
+    def step():
+        layer.zero_grad(set_to_none=False)
+        x.grad = None
+        out = layer(x)
+        out.backward(grad_out)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            eager = step().detach().clone()
+    torch.cuda.current_stream().wait_stream(side)
+    eager_alpha = layer.alpha.grad.clone()
+    graph = torch.cuda.CUDAGraph()
+    layer.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        out = layer(x)
+        out.backward(grad_out)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(layer.alpha.grad, eager_alpha)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: every launch runs on cuda:1."""
+    torch.cuda.set_device(0)
+    run_and_check((2, 8, 14, 14), PAPER_CANDIDATES, "cuda:1")
+    run_and_check((2, 8, 14, 14), PAPER_CANDIDATES, "cuda:1", fixed="max5", layout="channels_last")
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton kernels and the C++ CPU kernels agree
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 for the Triton kernels")
+@pytest.mark.skipif(not torch._C._dispatch_has_kernel_for_dispatch_key("metapool::meta_pool", "CPU"),
+                    reason="no C++ CPU kernel for metapool::meta_pool in this build")
+@pytest.mark.parametrize("dtype,fixed,layout", [(torch.float32, None, "contiguous"), (torch.float64, None, "channels_last"),
+                                                (torch.float32, "max7", "channels_last"), (torch.float64, "avg5", "contiguous")])
+def test_triton_and_cpp_kernels_agree(dtype, fixed, layout):
+    """The same op call on CPU tensors through the C++ kernels and through the Triton ones: same
+    outputs and gradients (NaN placement, max ties and memory format included)."""
+    x = torch.randint(-2, 3, (2, 3, 7, 9), generator=torch.Generator().manual_seed(5)).to(dtype).relu()
+    x = x + 0.25 * randn(x.shape, 6, dtype)
+    x[0, 1, 3, 4] = float("nan")
+    x = to_layout(x, layout)
+    grad_out = randn(x.shape, 7, dtype)
+    results = []
+    for kernels in (contextlib.nullcontext, triton_kernels_cpu):
+        layer = make_layer(3, PAPER_CANDIDATES, "cpu", 0, fixed).to(dtype)
+        layer.backend = "auto"
+        xin = x.clone().requires_grad_()
+        with kernels():
+            out = layer(xin)
+            out.backward(grad_out)
+        results.append((out.detach(), xin.grad, [p.grad for p in layer.parameters()]))
+    (out_c, gx_c, gp_c), (out_t, gx_t, gp_t) = results
+    tol = dict(rtol=1e-11, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(out_t, out_c, equal_nan=True, **tol)
+    assert out_t.is_contiguous(memory_format=output_format(x)) and out_c.is_contiguous(memory_format=output_format(x))
+    torch.testing.assert_close(gx_t, gx_c, equal_nan=True, **tol)
+    for a, b in zip(gp_t, gp_c):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, equal_nan=True, **tol)
+
+
+def triton_kernels_cpu():
+    return triton_kernels("cpu")

@@ -3,57 +3,89 @@ kernels (registered in :mod:`metapool_kernels.ops.meta_pool`, which also holds t
 docs, fake kernels and autograd). Without a GPU they run on CPU tensors in Triton's interpreter
 (``TRITON_INTERPRET=1``) through :func:`metapool_kernels.ops.meta_pool.triton_on_cpu`.
 
-Forward (DESIGN.md budget 5·|x|, floor 3·|x|):
-  pass 1 (``_meta_pool_forward_kernel``): one read of x computes every local candidate present
-    (skip, avg3/5/7, max3/5/7), their π-weighted mixture, and the strip sums of x.
-  the strip gates: two tiny pointwise convs on the strip means (torch).
-  pass 2 (``metapool::strip_gate``, C++/CUDA): out = local + π_strip · x · σ(g_h) σ(g_w).
-Backward (budget 6·|x|):
-  pass 1 (``_strip_reduce_kernel``): the strip's row and column reductions of grad·x, which every
-    element's gradient depends on through the strip means (so they must come first).
+Forward (DESIGN.md budget 5·|x|, floor 3·|x|; this moves 3·|x| with 'strip', 2·|x| without):
+  pass 1, only with 'strip' (``_strip_reduce_kernel``): the strip sums of x (reads x once).
+  the strip gates: two tiny pointwise convs on the strip means and their sigmoids (torch).
+  pass 2 (``_meta_pool_forward_kernel``): one read of x computes every local candidate present
+    (skip, avg3/5/7, max3/5/7) and the strip term π_strip · x · σ(g_h) σ(g_w), mixes them in the
+    accumulation dtype and writes the output once (so float16/bfloat16 round the mixture once).
+Backward (budget 6·|x|; this moves 5·|x| with 'strip', 3·|x| without):
+  pass 1, only with 'strip' (``_strip_reduce_kernel``): the strip's row and column reductions of
+    grad·x, which every element's gradient depends on through the strip means.
   pass 2 (``_meta_pool_backward_kernel``): grad of x for every candidate at once (avg adjoint =
     box sums of grad / window counts; max adjoint = a gather from the neighbouring windows whose
-    recomputed first-in-row-major argmax is this element; strip and strip-mean adjoints), and
-    the α partial sums Σ grad · op_k(x) (as Σ x · adjoint_k(grad)) in the same pass.
+    recomputed argmax is this element; strip and strip-mean adjoints), and the α partial sums
+    Σ grad · op_k(x) (as Σ x · adjoint_k(grad)) in the same pass.
 
-How the kernels walk a plane: each program owns one (n, c) plane, a tile of columns held as a
-vector, and a chunk of rows it visits one by one. Window ops are separable: a row's horizontal
-partials (sums / maxima / first argmax over k columns) come from shifted loads of that row;
+How the kernels walk a plane: each program owns PB channels of one sample, a tile of columns, and
+a chunk of rows it visits one by one; a [PB, BLOCK] register tile is one row of those channels.
+Every tensor is addressed through its strides, so NCHW and channels_last (NHWC) inputs are both
+read in place; in NHWC the PB channels are the contiguous axis. Window ops are separable: a row's
+horizontal partials (sums / maxima / argmax over k columns) come from shifted loads of that row;
 the vertical half reduces over a ring of the last RING rows' partials held in registers, so k=3, 5
-and 7 share one ring slot per row instead of three independent windows. No atomics anywhere:
+and 7 share one ring slot per row instead of three independent windows. The forward's and the
+strip reductions' row loops are software-pipelined (``tl.range(..., num_stages=2)``): on the GPU
+the next row's loads are in flight as asynchronous copies while the current row computes (the
+backward's registers are too full for it: pipelined, it spills). No atomics anywhere:
 cross-program sums are written as partials and reduced by torch, so results are bitwise
 reproducible.
+
+Hot-path hygiene (a layer must be capturable in a CUDA graph): the launchers never build a tensor
+from host data, never read a device value on the host, and allocate only outputs and reduction
+partials; π is read by the kernels at constexpr positions, and a fixed layer's weight is a
+constexpr 1. Every launch runs under its tensors' device.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ..reference import LOCAL_CANDIDATES, compute_dtype
-from .strip_gate import output_format, strip_gate
+from .strip_gate import output_format
 
-# Canonical slots of the local candidates in the kernels' weight vector.
-LOCAL_SLOT = {name: i for i, name in enumerate(LOCAL_CANDIDATES)}  # skip, avg3, avg5, avg7, max3, max5, max7
+# Column tile widths: the forward needs no halo lanes; the backward's gathers do, and its rings
+# are larger, so it keeps narrower tiles.
+FORWARD_MAX_BLOCK = 256
+BACKWARD_MAX_BLOCK = 128
+# A GPU program holds at most this many lanes (one per thread) and this many channels.
+GPU_LANES = 256
+GPU_MAX_PLANES = 8
+# An interpreted program takes wide tiles: the interpreter pays per operation, not per element.
+INTERPRETER_LANES = 2048
 
 
 # =============================================================================================
 # Triton kernels
 #
-# Shapes inside the kernels: a program holds PB planes × BLOCK columns as [PB, BLOCK] tensors;
+# Shapes inside the kernels: a program holds PB channels × BLOCK columns as [PB, BLOCK] tensors;
 # rings of per-row partials are [RING, PB, BLOCK]. Row masks are built as full tensors, never as
-# scalars (the interpreter mishandles scalar boolean masks).
+# scalars (the interpreter mishandles scalar boolean masks). Candidates are constexpr positions
+# in π (-1: absent); FIXED: a fixed layer, its one candidate weighs exactly 1 and π is not read.
 # =============================================================================================
 @triton.jit
-def _window_count(idx, r: tl.constexpr, n):
-    """Valid positions in the window [idx - r, idx + r] of a length-n axis (count_include_pad=False).
+def _window_count(idx, r: tl.constexpr, n, ACC: tl.constexpr):
+    """Valid positions in the window [idx - r, idx + r] of a length-n axis (count_include_pad=False),
+    in the accumulation dtype (exact: a small integer).
 
     Clamped to 1 so positions outside the axis (masked out later) never divide by zero.
     """
-    return tl.maximum(tl.minimum(idx + r, n - 1) - tl.maximum(idx - r, 0) + 1, 1).to(tl.float32)
+    return tl.maximum(tl.minimum(idx + r, n - 1) - tl.maximum(idx - r, 0) + 1, 1).to(ACC)
+
+
+@triton.jit
+def _weight(pi_ptr, SLOT: tl.constexpr, FIXED: tl.constexpr, ACC: tl.constexpr):
+    """π of the candidate at SLOT; exactly 1 for a fixed layer."""
+    if FIXED:
+        w = tl.full([1], 1.0, ACC)
+    else:
+        w = tl.load(pi_ptr + SLOT + tl.zeros([1], tl.int32)).to(ACC)
+    return w
 
 
 @triton.jit
@@ -65,31 +97,37 @@ def _ring_max(ring, in_win):
 
 
 @triton.jit
-def _load_local_weights(w_ptr, acc_t: tl.constexpr):
-    """π of skip, avg3, avg5, avg7, max3, max5, max7 (zero where a candidate is absent)."""
-    return (tl.load(w_ptr + 0).to(acc_t), tl.load(w_ptr + 1).to(acc_t), tl.load(w_ptr + 2).to(acc_t),
-            tl.load(w_ptr + 3).to(acc_t), tl.load(w_ptr + 4).to(acc_t), tl.load(w_ptr + 5).to(acc_t),
-            tl.load(w_ptr + 6).to(acc_t))
+def _argmax_row(ring, in_win, rr):
+    """Row of each column's window argmax in max_pool2d's order: rows scan top to bottom and a
+    row takes over when its value is larger or NaN, so the last row holding a NaN wins, else the
+    first row holding the maximum."""
+    big: tl.constexpr = 1 << 30
+    vm = tl.max(tl.where(in_win, ring, float("-inf")), axis=0)
+    is_nan = in_win & (ring != ring)
+    any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
+    first_max = tl.min(tl.where(in_win & (ring == vm[None, :, :]), rr, big), axis=0)
+    last_nan = tl.max(tl.where(is_nan, rr, -big), axis=0)
+    return tl.where(any_nan, last_nan, first_max)
 
 
 @triton.jit
-def _row_partials(row_ptr, cols, row_ok, W, R: tl.constexpr, acc_t: tl.constexpr):
+def _row_partials(row_ptrs, cols, sw, row_ok, W, R: tl.constexpr, ACC: tl.constexpr):
     """Sums and maxima of one row over the 3-, 5- and 7-wide windows centred on each column.
 
     One set of 2R+1 shifted loads (the neighbouring columns are in cache) serves all three
     sizes: the separable first half of every local candidate. Padding never wins a max, adds
     nothing to a sum, and NaN propagates as in max_pool2d.
     """
-    s3 = tl.zeros(cols.shape, acc_t)
-    s5 = tl.zeros(cols.shape, acc_t)
-    s7 = tl.zeros(cols.shape, acc_t)
-    m3 = tl.full(cols.shape, float("-inf"), acc_t)
-    m5 = tl.full(cols.shape, float("-inf"), acc_t)
-    m7 = tl.full(cols.shape, float("-inf"), acc_t)
+    s3 = tl.zeros(row_ok.shape, ACC)
+    s5 = tl.zeros(row_ok.shape, ACC)
+    s7 = tl.zeros(row_ok.shape, ACC)
+    m3 = tl.full(row_ok.shape, float("-inf"), ACC)
+    m5 = tl.full(row_ok.shape, float("-inf"), ACC)
+    m7 = tl.full(row_ok.shape, float("-inf"), ACC)
     for dd in tl.static_range(0, 2 * R + 1):
         d = dd - R  # constexpr: static_range unrolls
-        ok = row_ok & (cols + d >= 0) & (cols + d < W)
-        v = tl.load(row_ptr + cols + d, mask=ok, other=0.0).to(acc_t)
+        ok = row_ok & (cols >= -d) & (cols < W - d)
+        v = tl.load(row_ptrs + d * sw, mask=ok, other=0.0).to(ACC)
         vm = tl.where(ok, v, float("-inf"))
         if d * d <= 1:
             s3 += v
@@ -103,217 +141,316 @@ def _row_partials(row_ptr, cols, row_ok, W, R: tl.constexpr, acc_t: tl.constexpr
 
 
 @triton.jit
+def _aligned_strides(sn, sc, sh, sw, VEC: tl.constexpr, CL: tl.constexpr):
+    """The strides with every one but the unit stride written as a multiple of VEC (the launcher
+    checked that they are): the compiler can then prove the alignment vector accesses need."""
+    if VEC > 1:
+        sn = sn // VEC * VEC
+        sh = sh // VEC * VEC
+        if CL:
+            sw = sw // VEC * VEC
+        else:
+            sc = sc // VEC * VEC
+    return sn, sc, sh, sw
+
+
+@triton.jit
+def _aligned_extents(C, W, VEC: tl.constexpr, CL: tl.constexpr):
+    """C (NHWC) or W (NCHW), the extent of the contiguous axis, written as a multiple of VEC (the
+    launcher checked that it is): masks are then provably constant over each vector."""
+    if VEC > 1:
+        if CL:
+            C = C // VEC * VEC
+        else:
+            W = W // VEC * VEC
+    return C, W
+
+
+@triton.jit
+def _program_tile(C, W, c_blocks, PB: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr):
+    """This program's sample n, channels [PB], strip-buffer rows n·C + c [PB] (int64), column
+    vector [1, BLOCK] (with HALO extra columns each side), and first output column."""
+    pid0 = tl.program_id(0)
+    n = pid0 // c_blocks
+    chans = (pid0 % c_blocks) * PB + tl.arange(0, PB)
+    planes = n.to(tl.int64) * C + chans
+    c0 = tl.program_id(1) * (BLOCK - 2 * HALO)
+    cols = (c0 - HALO + tl.arange(0, BLOCK))[None, :]
+    return n, chans, planes, cols, c0
+
+
+@triton.jit
 def _meta_pool_forward_kernel(
-    x_ptr, w_ptr, out_ptr, zh_ptr, zw_ptr,
-    H, W, rows_per_prog, n_planes,
-    HAS_SKIP: tl.constexpr, HAS_AVG3: tl.constexpr, HAS_AVG5: tl.constexpr, HAS_AVG7: tl.constexpr,
-    HAS_MAX3: tl.constexpr, HAS_MAX5: tl.constexpr, HAS_MAX7: tl.constexpr,
-    WRITE_LOCAL: tl.constexpr, STRIP_SUMS: tl.constexpr,
-    R: tl.constexpr, RING: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, pi_ptr, sh_ptr, sw_ptr, out_ptr,
+    C, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow, rows_per_prog, c_blocks,
+    SKIP: tl.constexpr, AVG3: tl.constexpr, AVG5: tl.constexpr, AVG7: tl.constexpr,
+    MAX3: tl.constexpr, MAX5: tl.constexpr, MAX7: tl.constexpr, STRIP: tl.constexpr, FIXED: tl.constexpr,
+    R: tl.constexpr, RING: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr, CL: tl.constexpr,
 ):
-    acc_t = zh_ptr.dtype.element_ty
-    planes = tl.program_id(0) * PB + tl.arange(0, PB)
-    tile = tl.program_id(1)
+    """out = Σ π_k op_k(x) over the candidates present, one row of PB channels × BLOCK columns at a time.
+
+    sh, sw: σ(g_h) (N·C, H) and σ(g_w) (N·C, W) of the strip candidate (unused without it).
+    """
+    C, W = _aligned_extents(C, W, VEC, CL)
+    n, chans, planes, col2, c0 = _program_tile(C, W, c_blocks, PB, BLOCK, 0)
+    sxn, sxc, sxh, sxw = _aligned_strides(sxn, sxc, sxh, sxw, VEC, CL)
+    son, soc, soh, sow = _aligned_strides(son, soc, soh, sow, VEC, CL)
     chunk = tl.program_id(2)
-    cols = tile * BLOCK + tl.arange(0, BLOCK)
-    col2 = cols[None, :]
-    lane_ok = (planes < n_planes)[:, None] & (col2 < W)  # [PB, BLOCK]
-    plane_base = planes[:, None].to(tl.int64) * H * W
-    zero_i = tl.zeros([PB, BLOCK], tl.int32)
+    chan_ok = chans < C
+    lane_ok = chan_ok[:, None] & (col2 < W)  # [PB, BLOCK]
+    x_cols = x_ptr + (n.to(tl.int64) * sxn + chans.to(tl.int64)[:, None] * sxc + col2 * sxw)
+    o_cols = out_ptr + (n.to(tl.int64) * son + chans.to(tl.int64)[:, None] * soc + col2 * sow)
     r0 = chunk * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, H)
     slots = tl.arange(0, RING)
 
-    w_skip, w_avg3, w_avg5, w_avg7, w_max3, w_max5, w_max7 = _load_local_weights(w_ptr, acc_t)
-    inv_w3 = 1.0 / _window_count(col2, 1, W)
-    inv_w5 = 1.0 / _window_count(col2, 2, W)
-    inv_w7 = 1.0 / _window_count(col2, 3, W)
+    if SKIP >= 0:
+        w_skip = _weight(pi_ptr, SKIP, FIXED, ACC)
+    if MAX3 >= 0:
+        w_max3 = _weight(pi_ptr, MAX3, FIXED, ACC)
+    if MAX5 >= 0:
+        w_max5 = _weight(pi_ptr, MAX5, FIXED, ACC)
+    if MAX7 >= 0:
+        w_max7 = _weight(pi_ptr, MAX7, FIXED, ACC)
+    if AVG3 >= 0:
+        w_avg3 = _weight(pi_ptr, AVG3, FIXED, ACC) / _window_count(col2, 1, W, ACC)
+    if AVG5 >= 0:
+        w_avg5 = _weight(pi_ptr, AVG5, FIXED, ACC) / _window_count(col2, 2, W, ACC)
+    if AVG7 >= 0:
+        w_avg7 = _weight(pi_ptr, AVG7, FIXED, ACC) / _window_count(col2, 3, W, ACC)
+    if STRIP >= 0:
+        w_strip = _weight(pi_ptr, STRIP, FIXED, ACC) * tl.load(
+            sw_ptr + planes[:, None] * W + col2, mask=lane_ok, other=0.0).to(ACC)
 
     ring_row = tl.full([RING], -(1 << 30), tl.int32)
-    s3r = tl.zeros([RING, PB, BLOCK], acc_t)
-    s5r = tl.zeros([RING, PB, BLOCK], acc_t)
-    s7r = tl.zeros([RING, PB, BLOCK], acc_t)
-    m3r = tl.full([RING, PB, BLOCK], float("-inf"), acc_t)
-    m5r = tl.full([RING, PB, BLOCK], float("-inf"), acc_t)
-    m7r = tl.full([RING, PB, BLOCK], float("-inf"), acc_t)
-    zw_acc = tl.zeros([PB, BLOCK], acc_t)
+    s3r = tl.zeros([RING, PB, BLOCK], ACC)
+    s5r = tl.zeros([RING, PB, BLOCK], ACC)
+    s7r = tl.zeros([RING, PB, BLOCK], ACC)
+    m3r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
+    m5r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
+    m7r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
 
-    for step in range(0, r1 - r0 + 2 * R):
+    for step in tl.range(0, r1 - r0 + 2 * R, num_stages=2):
         t = r0 - R + step  # newest input row
-        t_ok = ((zero_i + t) >= 0) & ((zero_i + t) < H) & lane_ok
-        s3, s5, s7, m3, m5, m7 = _row_partials(x_ptr + plane_base + t * W, col2 + zero_i, t_ok, W, R, acc_t)
-        sel = (slots == step % RING)[:, None, None]
-        ring_row = tl.where(slots == step % RING, t, ring_row)
-        if HAS_AVG3:
-            s3r = tl.where(sel, s3[None, :, :], s3r)
-        if HAS_AVG5:
-            s5r = tl.where(sel, s5[None, :, :], s5r)
-        if HAS_AVG7:
-            s7r = tl.where(sel, s7[None, :, :], s7r)
-        if HAS_MAX3:
-            m3r = tl.where(sel, m3[None, :, :], m3r)
-        if HAS_MAX5:
-            m5r = tl.where(sel, m5[None, :, :], m5r)
-        if HAS_MAX7:
-            m7r = tl.where(sel, m7[None, :, :], m7r)
+        if R > 0:
+            t_ok = lane_ok & (t >= 0) & (t < H)
+            s3, s5, s7, m3, m5, m7 = _row_partials(x_cols + t * sxh, col2, sxw, t_ok, W, R, ACC)
+            sel = (slots == step % RING)[:, None, None]
+            ring_row = tl.where(slots == step % RING, t, ring_row)
+            if AVG3 >= 0:
+                s3r = tl.where(sel, s3[None, :, :], s3r)
+            if AVG5 >= 0:
+                s5r = tl.where(sel, s5[None, :, :], s5r)
+            if AVG7 >= 0:
+                s7r = tl.where(sel, s7[None, :, :], s7r)
+            if MAX3 >= 0:
+                m3r = tl.where(sel, m3[None, :, :], m3r)
+            if MAX5 >= 0:
+                m5r = tl.where(sel, m5[None, :, :], m5r)
+            if MAX7 >= 0:
+                m7r = tl.where(sel, m7[None, :, :], m7r)
 
         # Output row p = t - R: every window it needs is in the ring now.
         p = t - R
-        p_ok = ((zero_i + p) >= r0) & ((zero_i + p) < r1) & lane_ok
+        p_ok = lane_ok & (p >= r0) & (p < r1)
         rr = ring_row[:, None, None]
         row_valid = (rr >= 0) & (rr < H)
-        xp = tl.load(x_ptr + plane_base + p * W + col2, mask=p_ok, other=0.0).to(acc_t)
-        local = tl.zeros([PB, BLOCK], acc_t)
-        if HAS_SKIP:
+        local = tl.zeros([PB, BLOCK], ACC)
+        if SKIP >= 0 or STRIP >= 0:
+            xp = tl.load(x_cols + p * sxh, mask=p_ok, other=0.0).to(ACC)
+        if SKIP >= 0:
             local += w_skip * xp
-        if HAS_AVG3:
+        if AVG3 >= 0:
             in3 = row_valid & (rr >= p - 1) & (rr <= p + 1)
-            local += w_avg3 * tl.sum(tl.where(in3, s3r, 0.0), axis=0) * inv_w3 / _window_count(p, 1, H)
-        if HAS_AVG5:
+            local += w_avg3 * tl.sum(tl.where(in3, s3r, 0.0), axis=0) / _window_count(p, 1, H, ACC)
+        if AVG5 >= 0:
             in5 = row_valid & (rr >= p - 2) & (rr <= p + 2)
-            local += w_avg5 * tl.sum(tl.where(in5, s5r, 0.0), axis=0) * inv_w5 / _window_count(p, 2, H)
-        if HAS_AVG7:
+            local += w_avg5 * tl.sum(tl.where(in5, s5r, 0.0), axis=0) / _window_count(p, 2, H, ACC)
+        if AVG7 >= 0:
             in7 = row_valid & (rr >= p - 3) & (rr <= p + 3)
-            local += w_avg7 * tl.sum(tl.where(in7, s7r, 0.0), axis=0) * inv_w7 / _window_count(p, 3, H)
-        if HAS_MAX3:
+            local += w_avg7 * tl.sum(tl.where(in7, s7r, 0.0), axis=0) / _window_count(p, 3, H, ACC)
+        if MAX3 >= 0:
             local += w_max3 * _ring_max(m3r, row_valid & (rr >= p - 1) & (rr <= p + 1))
-        if HAS_MAX5:
+        if MAX5 >= 0:
             local += w_max5 * _ring_max(m5r, row_valid & (rr >= p - 2) & (rr <= p + 2))
-        if HAS_MAX7:
+        if MAX7 >= 0:
             local += w_max7 * _ring_max(m7r, row_valid & (rr >= p - 3) & (rr <= p + 3))
-        if WRITE_LOCAL:
-            tl.store(out_ptr + plane_base + p * W + col2, local.to(out_ptr.dtype.element_ty), mask=p_ok)
-        if STRIP_SUMS:
-            # Strip sums of x: each row's partial over this column tile, and the tile's column sums.
-            row_sum = tl.sum(xp, axis=1)  # [PB]
-            first = (col2 == tile * BLOCK) & p_ok
-            tl.store(zh_ptr + (tile * n_planes + planes[:, None]).to(tl.int64) * H + p + zero_i,
-                     row_sum[:, None] + tl.zeros([PB, BLOCK], acc_t), mask=first)
-            zw_acc += xp
-    if STRIP_SUMS:
-        tl.store(zw_ptr + (chunk * n_planes + planes[:, None]).to(tl.int64) * W + col2, zw_acc, mask=lane_ok)
+        if STRIP >= 0:
+            p_safe = tl.minimum(tl.maximum(p, 0), H - 1)  # per-row values are used only under p_ok
+            sh = tl.load(sh_ptr + planes[:, None] * H + p_safe, mask=chan_ok[:, None], other=0.0).to(ACC)
+            local += w_strip * xp * sh
+        tl.store(o_cols + p * soh, local.to(out_ptr.dtype.element_ty), mask=p_ok)
 
 
 @triton.jit
 def _strip_reduce_kernel(
-    g_ptr, x_ptr, sh_ptr, sw_ptr, rows_out_ptr, cols_out_ptr,
-    H, W, rows_per_prog, n_planes,
-    PB: tl.constexpr, BLOCK: tl.constexpr,
+    a_ptr, b_ptr, sh_ptr, sw_ptr, rows_out_ptr, cols_out_ptr,
+    C, H, W, san, sac, sah, saw, sbn, sbc, sbh, sbw, rows_per_prog, c_blocks,
+    WEIGHTED: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    VEC: tl.constexpr, CL: tl.constexpr,
 ):
-    """rows_out[tile, p, i] = Σ_j g·x·σw over the tile; cols_out[chunk, p, j] = Σ_i g·x·σh over the chunk."""
-    acc_t = rows_out_ptr.dtype.element_ty
-    planes = tl.program_id(0) * PB + tl.arange(0, PB)
+    """The strip reductions over one tile of columns × chunk of rows, as partials for torch to sum.
+
+    WEIGHTED (backward, q = a·b = grad·x): rows_out[tile, plane, i] = Σ_j q·sw, cols_out[chunk,
+    plane, j] = Σ_i q·sh. Otherwise (forward, q = a = x): the plain row and column sums of x.
+    """
+    C, W = _aligned_extents(C, W, VEC, CL)
+    n, chans, planes, col2, c0 = _program_tile(C, W, c_blocks, PB, BLOCK, 0)
+    san, sac, sah, saw = _aligned_strides(san, sac, sah, saw, VEC, CL)
+    sbn, sbc, sbh, sbw = _aligned_strides(sbn, sbc, sbh, sbw, VEC, CL)
     tile = tl.program_id(1)
     chunk = tl.program_id(2)
-    cols = tile * BLOCK + tl.arange(0, BLOCK)
-    col2 = cols[None, :]
-    plane_ok = planes < n_planes
-    lane_ok = plane_ok[:, None] & (col2 < W)
-    plane_base = planes[:, None].to(tl.int64) * H * W
+    n_planes = tl.num_programs(0) // c_blocks * C
+    chan_ok = chans < C
+    lane_ok = chan_ok[:, None] & (col2 < W)
+    a_base = a_ptr + (n.to(tl.int64) * san + chans.to(tl.int64)[:, None] * sac)
+    b_base = b_ptr + (n.to(tl.int64) * sbn + chans.to(tl.int64)[:, None] * sbc)
     r0 = chunk * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, H)
-    sw = tl.load(sw_ptr + planes[:, None].to(tl.int64) * W + col2, mask=lane_ok, other=0.0).to(acc_t)
-    col_acc = tl.zeros([PB, BLOCK], acc_t)
-    for i in range(r0, r1):
-        g = tl.load(g_ptr + plane_base + i * W + col2, mask=lane_ok, other=0.0).to(acc_t)
-        x = tl.load(x_ptr + plane_base + i * W + col2, mask=lane_ok, other=0.0).to(acc_t)
-        q = g * x
-        sh = tl.load(sh_ptr + planes.to(tl.int64) * H + i, mask=plane_ok, other=0.0).to(acc_t)
-        tl.store(rows_out_ptr + (tile * n_planes + planes).to(tl.int64) * H + i, tl.sum(q * sw, axis=1), mask=plane_ok)
-        col_acc += q * sh[:, None]
-    tl.store(cols_out_ptr + (chunk * n_planes + planes[:, None]).to(tl.int64) * W + col2, col_acc, mask=lane_ok)
+    if WEIGHTED:
+        sw = tl.load(sw_ptr + planes[:, None] * W + col2, mask=lane_ok, other=0.0).to(ACC)
+    col_acc = tl.zeros([PB, BLOCK], ACC)
+    for i in tl.range(r0, r1, num_stages=2):
+        q = tl.load(a_base + i * sah + col2 * saw, mask=lane_ok, other=0.0).to(ACC)
+        if WEIGHTED:
+            q *= tl.load(b_base + i * sbh + col2 * sbw, mask=lane_ok, other=0.0).to(ACC)
+            sh = tl.load(sh_ptr + planes[:, None] * H + i, mask=chan_ok[:, None], other=0.0).to(ACC)
+            row = tl.sum(q * sw, axis=1)
+            col_acc += q * sh
+        else:
+            row = tl.sum(q, axis=1)
+            col_acc += q
+        tl.store(rows_out_ptr + (tile * n_planes + planes) * H + i, row, mask=chan_ok)
+    tl.store(cols_out_ptr + (chunk * n_planes + planes[:, None]) * W + col2, col_acc, mask=lane_ok)
 
 
 @triton.jit
-def _max_adjoint(u_row, q2, x_row_ptr, W, row_ok, scratch_ptr, lanes2, r: tl.constexpr, BLOCK: tl.constexpr,
-                 acc_t: tl.constexpr):
-    """Horizontal half of the max gather: Σ_b [first argmax column of window (i, q + b) == q] · U(i, q + b).
+def _box_sum(v, r: tl.constexpr):
+    """Σ_{|d| ≤ r} v[:, q + d]: a horizontal box sum over the neighbouring lanes' registers
+    (0 beyond the tile, which only the halo lanes reach)."""
+    block: tl.constexpr = v.shape[1]
+    lane = tl.zeros(v.shape, tl.int32) + tl.arange(0, block)[None, :]
+    total = v
+    for dd in tl.static_range(0, 2 * r + 1):
+        if dd != r:
+            src = lane + (dd - r)
+            shifted = tl.gather(v, tl.minimum(tl.maximum(src, 0), block - 1), axis=1)
+            total += tl.where((src >= 0) & (src < block), shifted, 0.0)
+    return total
 
-    U (the column-wise gathered gradient) and the argmax columns are needed at shifted columns,
-    which registers cannot give; they go through this program's private scratch rows.
+
+@triton.jit
+def _max_adjoint(u_row, q2, x_row_ptrs, sxw, W, row_ok, r: tl.constexpr, ACC: tl.constexpr):
+    """Horizontal half of the max gather: Σ_b [argmax column of window (i, q + b) == q] · U(i, q + b).
+
+    U is the column-wise gathered gradient of row i. The argmax scans the window left to right
+    as max_pool2d does: a column takes over when it is larger or NaN, so the last NaN wins, else
+    the first maximum. U and the argmax at shifted columns come from the registers of the
+    neighbouring lanes (``tl.gather``), not from memory.
     """
-    # First (leftmost) argmax of x[i, q - r : q + r + 1]; strict '>' so a later equal value never wins.
-    best = tl.full(u_row.shape, float("-inf"), acc_t)
+    best = tl.full(u_row.shape, float("-inf"), ACC)
     arg = tl.full(u_row.shape, -(1 << 30), tl.int32)
     found = arg > 0
     for dd in tl.static_range(0, 2 * r + 1):
         c = q2 + (dd - r)
-        ok = row_ok & (c >= 0) & (c < W)
-        v = tl.load(x_row_ptr + c, mask=ok, other=0.0).to(acc_t)
-        better = ok & ((v > best) | ~found)
+        ok = row_ok & (q2 >= r - dd) & (q2 < W + r - dd)
+        v = tl.load(x_row_ptrs + (dd - r) * sxw, mask=ok, other=0.0).to(ACC)
+        better = ok & ((v > best) | (v != v) | ~found)
         best = tl.where(better, v, best)
         arg = tl.where(better, c, arg)
         found = found | ok
-    tl.debug_barrier()  # the previous row's readers are done with the scratch
-    tl.store(scratch_ptr + lanes2, u_row)
-    tl.store(scratch_ptr + BLOCK + lanes2, arg.to(acc_t))
-    tl.debug_barrier()
-    adj = tl.zeros(u_row.shape, acc_t)
-    lane = lanes2 % (2 * BLOCK)
+    adj = tl.zeros(u_row.shape, ACC)
+    block: tl.constexpr = u_row.shape[1]
+    lane = tl.zeros(u_row.shape, tl.int32) + tl.arange(0, block)[None, :]
     for bb in tl.static_range(0, 2 * r + 1):
-        ok = (lane + (bb - r) >= 0) & (lane + (bb - r) < BLOCK)
-        u = tl.load(scratch_ptr + lanes2 + (bb - r), mask=ok, other=0.0, cache_modifier=".cg")
-        a = tl.load(scratch_ptr + BLOCK + lanes2 + (bb - r), mask=ok, other=-1.0, cache_modifier=".cg")
-        adj += tl.where(ok & (a == q2.to(acc_t)), u, 0.0)
+        src = lane + (bb - r)
+        ok = (src >= 0) & (src < block)
+        src = tl.minimum(tl.maximum(src, 0), block - 1)
+        u = tl.gather(u_row, src, axis=1)
+        a = tl.gather(arg, src, axis=1)
+        adj += tl.where(ok & (a == q2), u, 0.0)
     return adj
 
 
 @triton.jit
 def _meta_pool_backward_kernel(
-    g_ptr, x_ptr, w_ptr, gx_ptr, alpha_part_ptr, scratch_ptr,
-    sh_ptr, sw_ptr, gzh_ptr, gzw_ptr, strip_w_ptr,
-    H, W, rows_per_prog, n_planes, n_tiles, n_chunks,
-    HAS_SKIP: tl.constexpr, HAS_AVG3: tl.constexpr, HAS_AVG5: tl.constexpr, HAS_AVG7: tl.constexpr,
-    HAS_MAX3: tl.constexpr, HAS_MAX5: tl.constexpr, HAS_MAX7: tl.constexpr, HAS_STRIP: tl.constexpr,
-    R: tl.constexpr, RING: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr,
+    g_ptr, x_ptr, pi_ptr, gx_ptr, alpha_part_ptr,
+    sh_ptr, sw_ptr, gzh_ptr, gzw_ptr,
+    C, H, W, sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, son, soc, soh, sow,
+    rows_per_prog, c_blocks, n_tiles, n_chunks, n_pi,
+    SKIP: tl.constexpr, AVG3: tl.constexpr, AVG5: tl.constexpr, AVG7: tl.constexpr,
+    MAX3: tl.constexpr, MAX5: tl.constexpr, MAX7: tl.constexpr, STRIP: tl.constexpr, FIXED: tl.constexpr,
+    R: tl.constexpr, RING: tl.constexpr, HALO: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, VEC: tl.constexpr, CL: tl.constexpr,
 ):
-    acc_t = alpha_part_ptr.dtype.element_ty
-    planes = tl.program_id(0) * PB + tl.arange(0, PB)
-    tile = tl.program_id(1)
+    """grad_x of the mixture, and each program's α partials Σ x · adjoint_k(grad) at π's positions
+    (alpha_part[program, k]; 0 at the strip's, which the launcher adds from the strip reductions).
+
+    sh, sw: σ(g_h), σ(g_w); gzh, gzw: the gradients of the strip means, already divided by W, H.
+    """
+    # The column vector covers this tile's outputs plus HALO ≥ R columns each side (the gathers
+    # reach R columns out; HALO rounds R up to VEC so that NCHW tiles start aligned).
+    C, W = _aligned_extents(C, W, VEC, CL)
+    n, chans, planes, q2, c0 = _program_tile(C, W, c_blocks, PB, BLOCK, HALO)
+    sgn, sgc, sgh, sgw = _aligned_strides(sgn, sgc, sgh, sgw, VEC, CL)
+    sxn, sxc, sxh, sxw = _aligned_strides(sxn, sxc, sxh, sxw, VEC, CL)
+    son, soc, soh, sow = _aligned_strides(son, soc, soh, sow, VEC, CL)
     chunk = tl.program_id(2)
-    pid = (tl.program_id(0).to(tl.int64) * n_tiles + tile) * n_chunks + chunk
-    # The column vector covers this tile's outputs plus R halo columns each side: the gathers
-    # reach R columns out.
-    c0 = tile * (BLOCK - 2 * R)
-    q2 = (c0 - R + tl.arange(0, BLOCK))[None, :]
-    plane_ok = (planes < n_planes)[:, None]
+    pid = (tl.program_id(0).to(tl.int64) * n_tiles + tl.program_id(1)) * n_chunks + chunk
+    plane_ok = (chans < C)[:, None]
     q_ok = plane_ok & (q2 >= 0) & (q2 < W)  # [PB, BLOCK]
-    out_ok = q_ok & (q2 >= c0) & (q2 < c0 + BLOCK - 2 * R)
-    plane_base = planes[:, None].to(tl.int64) * H * W
-    zero_i = tl.zeros([PB, BLOCK], tl.int32)
+    out_ok = q_ok & (q2 >= c0) & (q2 < c0 + BLOCK - 2 * HALO)
+    g_cols = g_ptr + (n.to(tl.int64) * sgn + chans.to(tl.int64)[:, None] * sgc + q2 * sgw)
+    x_cols = x_ptr + (n.to(tl.int64) * sxn + chans.to(tl.int64)[:, None] * sxc + q2 * sxw)
+    o_cols = gx_ptr + (n.to(tl.int64) * son + chans.to(tl.int64)[:, None] * soc + q2 * sow)
     r0 = chunk * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, H)
-    lanes2 = tl.arange(0, PB)[:, None] * (2 * BLOCK) + tl.arange(0, BLOCK)[None, :]
-    scratch = scratch_ptr + pid * (PB * 2 * BLOCK)
     slots = tl.arange(0, RING)
 
-    w_skip, w_avg3, w_avg5, w_avg7, w_max3, w_max5, w_max7 = _load_local_weights(w_ptr, acc_t)
-    if HAS_STRIP:
-        w_strip = tl.load(strip_w_ptr).to(acc_t)
-        sw = tl.load(sw_ptr + planes[:, None].to(tl.int64) * W + q2, mask=q_ok, other=0.0).to(acc_t)
-        gzw = tl.load(gzw_ptr + planes[:, None].to(tl.int64) * W + q2, mask=q_ok, other=0.0).to(acc_t)
+    if SKIP >= 0:
+        w_skip = _weight(pi_ptr, SKIP, FIXED, ACC)
+    if AVG3 >= 0:
+        w_avg3 = _weight(pi_ptr, AVG3, FIXED, ACC)
+        inv_cw3 = 1.0 / _window_count(q2, 1, W, ACC)
+    if AVG5 >= 0:
+        w_avg5 = _weight(pi_ptr, AVG5, FIXED, ACC)
+        inv_cw5 = 1.0 / _window_count(q2, 2, W, ACC)
+    if AVG7 >= 0:
+        w_avg7 = _weight(pi_ptr, AVG7, FIXED, ACC)
+        inv_cw7 = 1.0 / _window_count(q2, 3, W, ACC)
+    if MAX3 >= 0:
+        w_max3 = _weight(pi_ptr, MAX3, FIXED, ACC)
+    if MAX5 >= 0:
+        w_max5 = _weight(pi_ptr, MAX5, FIXED, ACC)
+    if MAX7 >= 0:
+        w_max7 = _weight(pi_ptr, MAX7, FIXED, ACC)
+    if STRIP >= 0:
+        w_strip = _weight(pi_ptr, STRIP, FIXED, ACC)
+        sw = tl.load(sw_ptr + planes[:, None] * W + q2, mask=q_ok, other=0.0).to(ACC)
+        gzw = tl.load(gzw_ptr + planes[:, None] * W + q2, mask=q_ok, other=0.0).to(ACC)
 
     ring_row = tl.full([RING], -(1 << 30), tl.int32)
-    m3r = tl.full([RING, PB, BLOCK], float("-inf"), acc_t)  # horizontal maxima of x rows
-    m5r = tl.full([RING, PB, BLOCK], float("-inf"), acc_t)
-    m7r = tl.full([RING, PB, BLOCK], float("-inf"), acc_t)
-    u3r = tl.zeros([RING, PB, BLOCK], acc_t)  # column-gathered max gradients, per element row
-    u5r = tl.zeros([RING, PB, BLOCK], acc_t)
-    u7r = tl.zeros([RING, PB, BLOCK], acc_t)
-    a3r = tl.zeros([RING, PB, BLOCK], acc_t)  # avg adjoints, per element row
-    a5r = tl.zeros([RING, PB, BLOCK], acc_t)
-    a7r = tl.zeros([RING, PB, BLOCK], acc_t)
-    alpha_skip = tl.zeros([PB, BLOCK], acc_t)
-    alpha_a3 = tl.zeros([PB, BLOCK], acc_t)
-    alpha_a5 = tl.zeros([PB, BLOCK], acc_t)
-    alpha_a7 = tl.zeros([PB, BLOCK], acc_t)
-    alpha_m3 = tl.zeros([PB, BLOCK], acc_t)
-    alpha_m5 = tl.zeros([PB, BLOCK], acc_t)
-    alpha_m7 = tl.zeros([PB, BLOCK], acc_t)
+    m3r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)  # horizontal maxima of x rows
+    m5r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
+    m7r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
+    u3r = tl.zeros([RING, PB, BLOCK], ACC)  # column-gathered max gradients, per element row
+    u5r = tl.zeros([RING, PB, BLOCK], ACC)
+    u7r = tl.zeros([RING, PB, BLOCK], ACC)
+    a3r = tl.zeros([RING, PB, BLOCK], ACC)  # avg adjoints, per element row
+    a5r = tl.zeros([RING, PB, BLOCK], ACC)
+    a7r = tl.zeros([RING, PB, BLOCK], ACC)
+    alpha_skip = tl.zeros([PB, BLOCK], ACC)
+    alpha_a3 = tl.zeros([PB, BLOCK], ACC)
+    alpha_a5 = tl.zeros([PB, BLOCK], ACC)
+    alpha_a7 = tl.zeros([PB, BLOCK], ACC)
+    alpha_m3 = tl.zeros([PB, BLOCK], ACC)
+    alpha_m5 = tl.zeros([PB, BLOCK], ACC)
+    alpha_m7 = tl.zeros([PB, BLOCK], ACC)
 
     # Row t of x enters the ring; output row p = t - R scatters its gradient into the element
     # rows [p - R, p + R]; element row i = t - 2R has received everything and is finished.
-    for step in range(0, r1 - r0 + 4 * R):
+    for step in range(0, r1 - r0 + 4 * R):  # not pipelined: its registers are full
         t = r0 - 2 * R + step
         slot = step % RING
         sel = (slots == slot)[:, None, None]
@@ -321,131 +458,118 @@ def _meta_pool_backward_kernel(
         rr = ring_row[:, None, None]
         row_valid = (rr >= 0) & (rr < H)
         # Row t takes the slot of the row finished RING steps ago: its accumulators start at zero.
-        if HAS_MAX3:
+        if MAX3 >= 0:
             u3r = tl.where(sel, 0.0, u3r)
-        if HAS_MAX5:
+        if MAX5 >= 0:
             u5r = tl.where(sel, 0.0, u5r)
-        if HAS_MAX7:
+        if MAX7 >= 0:
             u7r = tl.where(sel, 0.0, u7r)
-        if HAS_AVG3:
+        if AVG3 >= 0:
             a3r = tl.where(sel, 0.0, a3r)
-        if HAS_AVG5:
+        if AVG5 >= 0:
             a5r = tl.where(sel, 0.0, a5r)
-        if HAS_AVG7:
+        if AVG7 >= 0:
             a7r = tl.where(sel, 0.0, a7r)
-        if HAS_MAX3 or HAS_MAX5 or HAS_MAX7:
-            t_ok = ((zero_i + t) >= 0) & ((zero_i + t) < H) & plane_ok
-            _s3, _s5, _s7, m3, m5, m7 = _row_partials(x_ptr + plane_base + t * W, q2 + zero_i, t_ok, W, R, acc_t)
-            if HAS_MAX3:
+        if MAX3 >= 0 or MAX5 >= 0 or MAX7 >= 0:
+            t_ok = q_ok & (t >= 0) & (t < H)
+            _s3, _s5, _s7, m3, m5, m7 = _row_partials(x_cols + t * sxh, q2, sxw, t_ok, W, R, ACC)
+            if MAX3 >= 0:
                 m3r = tl.where(sel, m3[None, :, :], m3r)
-            if HAS_MAX5:
+            if MAX5 >= 0:
                 m5r = tl.where(sel, m5[None, :, :], m5r)
-            if HAS_MAX7:
+            if MAX7 >= 0:
                 m7r = tl.where(sel, m7[None, :, :], m7r)
 
         p = t - R
-        p_ok = ((zero_i + p) >= 0) & ((zero_i + p) < H) & q_ok
-        gp = tl.load(g_ptr + plane_base + p * W + q2, mask=p_ok, other=0.0).to(acc_t)
-        # Max: the first row (top to bottom) holding each column's window maximum takes the
-        # gradient; the horizontal half of the argmax is resolved when that row finishes.
-        if HAS_MAX3:
-            in3 = row_valid & (rr >= p - 1) & (rr <= p + 1)
-            vm = tl.max(tl.where(in3, m3r, float("-inf")), axis=0)
-            va = tl.min(tl.where(in3 & (m3r == vm[None, :, :]), rr, 1 << 30), axis=0)
+        p_in = plane_ok & (p >= 0) & (p < H)
+        gp = tl.load(g_cols + p * sgh, mask=p_in & q_ok, other=0.0).to(ACC)
+        # Max: the row holding each column's window argmax takes the gradient; the horizontal
+        # half of the argmax is resolved when that row finishes.
+        if MAX3 >= 0:
+            va = _argmax_row(m3r, row_valid & (rr >= p - 1) & (rr <= p + 1), rr)
             u3r += tl.where(rr == va[None, :, :], gp[None, :, :], 0.0)
-        if HAS_MAX5:
-            in5 = row_valid & (rr >= p - 2) & (rr <= p + 2)
-            vm = tl.max(tl.where(in5, m5r, float("-inf")), axis=0)
-            va = tl.min(tl.where(in5 & (m5r == vm[None, :, :]), rr, 1 << 30), axis=0)
+        if MAX5 >= 0:
+            va = _argmax_row(m5r, row_valid & (rr >= p - 2) & (rr <= p + 2), rr)
             u5r += tl.where(rr == va[None, :, :], gp[None, :, :], 0.0)
-        if HAS_MAX7:
-            in7 = row_valid & (rr >= p - 3) & (rr <= p + 3)
-            vm = tl.max(tl.where(in7, m7r, float("-inf")), axis=0)
-            va = tl.min(tl.where(in7 & (m7r == vm[None, :, :]), rr, 1 << 30), axis=0)
+        if MAX7 >= 0:
+            va = _argmax_row(m7r, row_valid & (rr >= p - 3) & (rr <= p + 3), rr)
             u7r += tl.where(rr == va[None, :, :], gp[None, :, :], 0.0)
-        # Avg: grad / window count, box-summed: horizontally from shifted loads of this grad row,
-        # vertically by adding it to every element row of the window.
-        if HAS_AVG3 or HAS_AVG5 or HAS_AVG7:
-            h3 = tl.zeros([PB, BLOCK], acc_t)
-            h5 = tl.zeros([PB, BLOCK], acc_t)
-            h7 = tl.zeros([PB, BLOCK], acc_t)
-            for dd in tl.static_range(0, 2 * R + 1):
-                d = dd - R  # constexpr: static_range unrolls
-                ok = ((zero_i + p) >= 0) & ((zero_i + p) < H) & plane_ok & (q2 + d >= 0) & (q2 + d < W)
-                gv = tl.load(g_ptr + plane_base + p * W + q2 + d, mask=ok, other=0.0).to(acc_t)
-                if d * d <= 1:
-                    h3 += gv / _window_count(q2 + d, 1, W)
-                if d * d <= 4:
-                    h5 += gv / _window_count(q2 + d, 2, W)
-                h7 += gv / _window_count(q2 + d, 3, W)
-            if HAS_AVG3:
-                in3 = row_valid & (rr >= p - 1) & (rr <= p + 1)
-                a3r += tl.where(in3, (h3 / _window_count(p, 1, H))[None, :, :], 0.0)
-            if HAS_AVG5:
-                in5 = row_valid & (rr >= p - 2) & (rr <= p + 2)
-                a5r += tl.where(in5, (h5 / _window_count(p, 2, H))[None, :, :], 0.0)
-            if HAS_AVG7:
-                in7 = row_valid & (rr >= p - 3) & (rr <= p + 3)
-                a7r += tl.where(in7, (h7 / _window_count(p, 3, H))[None, :, :], 0.0)
+        # Avg: grad / window count, box-summed: horizontally over the neighbouring lanes of this
+        # grad row, vertically by adding it to every element row of the window.
+        if AVG3 >= 0:
+            h3 = _box_sum(gp * inv_cw3, 1) / _window_count(p, 1, H, ACC)
+            a3r += tl.where(row_valid & (rr >= p - 1) & (rr <= p + 1), h3[None, :, :], 0.0)
+        if AVG5 >= 0:
+            h5 = _box_sum(gp * inv_cw5, 2) / _window_count(p, 2, H, ACC)
+            a5r += tl.where(row_valid & (rr >= p - 2) & (rr <= p + 2), h5[None, :, :], 0.0)
+        if AVG7 >= 0:
+            h7 = _box_sum(gp * inv_cw7, 3) / _window_count(p, 3, H, ACC)
+            a7r += tl.where(row_valid & (rr >= p - 3) & (rr <= p + 3), h7[None, :, :], 0.0)
 
         i = t - 2 * R
-        mask = ((zero_i + i) >= r0) & ((zero_i + i) < r1) & out_ok
-        i_in = ((zero_i + i) >= 0) & ((zero_i + i) < H) & plane_ok
+        mask = out_ok & (i >= r0) & (i < r1)
+        i_in = plane_ok & (i >= 0) & (i < H)
         fin = rr == i
-        gi = tl.load(g_ptr + plane_base + i * W + q2, mask=mask, other=0.0).to(acc_t)
-        xi = tl.load(x_ptr + plane_base + i * W + q2, mask=mask, other=0.0).to(acc_t)
-        gx = tl.zeros([PB, BLOCK], acc_t)
-        if HAS_SKIP:
+        gi = tl.load(g_cols + i * sgh, mask=mask, other=0.0).to(ACC)
+        x_row = x_cols + i * sxh
+        xi = tl.load(x_row, mask=mask, other=0.0).to(ACC)
+        gx = tl.zeros([PB, BLOCK], ACC)
+        if SKIP >= 0:
             gx += w_skip * gi
             alpha_skip += xi * gi
-        if HAS_AVG3:
+        if AVG3 >= 0:
             adj = tl.sum(tl.where(fin, a3r, 0.0), axis=0)
             gx += w_avg3 * adj
             alpha_a3 += tl.where(mask, xi * adj, 0.0)
-        if HAS_AVG5:
+        if AVG5 >= 0:
             adj = tl.sum(tl.where(fin, a5r, 0.0), axis=0)
             gx += w_avg5 * adj
             alpha_a5 += tl.where(mask, xi * adj, 0.0)
-        if HAS_AVG7:
+        if AVG7 >= 0:
             adj = tl.sum(tl.where(fin, a7r, 0.0), axis=0)
             gx += w_avg7 * adj
             alpha_a7 += tl.where(mask, xi * adj, 0.0)
-        x_row = x_ptr + plane_base + i * W
-        if HAS_MAX3:
-            adj = _max_adjoint(tl.sum(tl.where(fin, u3r, 0.0), axis=0), q2, x_row, W, i_in, scratch, lanes2,
-                               1, BLOCK, acc_t)
+        if MAX3 >= 0:
+            adj = _max_adjoint(tl.sum(tl.where(fin, u3r, 0.0), axis=0), q2, x_row, sxw, W, i_in, 1, ACC)
             gx += w_max3 * adj
             alpha_m3 += tl.where(mask, xi * adj, 0.0)
-        if HAS_MAX5:
-            adj = _max_adjoint(tl.sum(tl.where(fin, u5r, 0.0), axis=0), q2, x_row, W, i_in, scratch, lanes2,
-                               2, BLOCK, acc_t)
+        if MAX5 >= 0:
+            adj = _max_adjoint(tl.sum(tl.where(fin, u5r, 0.0), axis=0), q2, x_row, sxw, W, i_in, 2, ACC)
             gx += w_max5 * adj
             alpha_m5 += tl.where(mask, xi * adj, 0.0)
-        if HAS_MAX7:
-            adj = _max_adjoint(tl.sum(tl.where(fin, u7r, 0.0), axis=0), q2, x_row, W, i_in, scratch, lanes2,
-                               3, BLOCK, acc_t)
+        if MAX7 >= 0:
+            adj = _max_adjoint(tl.sum(tl.where(fin, u7r, 0.0), axis=0), q2, x_row, sxw, W, i_in, 3, ACC)
             gx += w_max7 * adj
             alpha_m7 += tl.where(mask, xi * adj, 0.0)
-        if HAS_STRIP:
+        if STRIP >= 0:
             i_safe = tl.minimum(tl.maximum(i, 0), H - 1)  # per-row values are used only under mask
-            row_idx = planes[:, None].to(tl.int64) * H + i_safe
-            sh = tl.load(sh_ptr + row_idx, mask=plane_ok, other=0.0).to(acc_t)
-            gzh = tl.load(gzh_ptr + row_idx, mask=plane_ok, other=0.0).to(acc_t)
+            sh = tl.load(sh_ptr + planes[:, None] * H + i_safe, mask=plane_ok, other=0.0).to(ACC)
+            gzh = tl.load(gzh_ptr + planes[:, None] * H + i_safe, mask=plane_ok, other=0.0).to(ACC)
             gx += w_strip * gi * sh * sw + gzh + gzw
-        tl.store(gx_ptr + plane_base + i * W + q2, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_cols + i * soh, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
-    out = alpha_part_ptr + pid * 8
-    tl.store(out + 0, tl.sum(tl.sum(alpha_skip, axis=1), axis=0))
-    tl.store(out + 1, tl.sum(tl.sum(alpha_a3, axis=1), axis=0))
-    tl.store(out + 2, tl.sum(tl.sum(alpha_a5, axis=1), axis=0))
-    tl.store(out + 3, tl.sum(tl.sum(alpha_a7, axis=1), axis=0))
-    tl.store(out + 4, tl.sum(tl.sum(alpha_m3, axis=1), axis=0))
-    tl.store(out + 5, tl.sum(tl.sum(alpha_m5, axis=1), axis=0))
-    tl.store(out + 6, tl.sum(tl.sum(alpha_m7, axis=1), axis=0))
+    if not FIXED:
+        out = alpha_part_ptr + pid * n_pi
+        if SKIP >= 0:
+            tl.store(out + SKIP, tl.sum(tl.sum(alpha_skip, axis=1), axis=0))
+        if AVG3 >= 0:
+            tl.store(out + AVG3, tl.sum(tl.sum(alpha_a3, axis=1), axis=0))
+        if AVG5 >= 0:
+            tl.store(out + AVG5, tl.sum(tl.sum(alpha_a5, axis=1), axis=0))
+        if AVG7 >= 0:
+            tl.store(out + AVG7, tl.sum(tl.sum(alpha_a7, axis=1), axis=0))
+        if MAX3 >= 0:
+            tl.store(out + MAX3, tl.sum(tl.sum(alpha_m3, axis=1), axis=0))
+        if MAX5 >= 0:
+            tl.store(out + MAX5, tl.sum(tl.sum(alpha_m5, axis=1), axis=0))
+        if MAX7 >= 0:
+            tl.store(out + MAX7, tl.sum(tl.sum(alpha_m7, axis=1), axis=0))
+        if STRIP >= 0:
+            tl.store(out + STRIP, tl.sum(tl.sum(tl.zeros([PB, BLOCK], ACC), axis=1), axis=0))
 
 
 # =============================================================================================
-# Launch helpers
+# Launch layout
 # =============================================================================================
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
@@ -459,84 +583,132 @@ def _ring(radius: int) -> int:
     return max(2, _next_pow2(2 * radius + 1))
 
 
-def _flags(names: Sequence[str]) -> dict:
-    present = set(names)
-    return {f"HAS_{n.upper()}": n in present for n in LOCAL_CANDIDATES}
+def _slots(names: Sequence[str]) -> Dict[str, int]:
+    """Each candidate's position in π as the kernels' constexpr arguments (-1: absent)."""
+    return {name.upper(): (names.index(name) if name in names else -1) for name in LOCAL_CANDIDATES + ("strip",)}
 
 
-def _local_weights(names: Sequence[str], pi: torch.Tensor) -> torch.Tensor:
-    """π scattered into the kernels' fixed slots (zeros for absent candidates)."""
-    w = torch.zeros(8, dtype=pi.dtype, device=pi.device)
-    pos = [k for k, n in enumerate(names) if n != "strip"]
-    if pos:
-        w[[LOCAL_SLOT[names[k]] for k in pos]] = pi[pos]
-    return w
+def _acc(dtype: torch.dtype):
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
 class _Grid:
-    """How a launch splits N·C planes × W columns × H rows into programs.
+    """How a launch splits N samples × C channels × W columns × H rows into programs.
 
-    A program takes PB planes so that narrow planes (7×7, 14×14) still fill its lanes, and the
-    Triton interpreter (which pays per operation, not per element) does whole batches at once.
-    Rows are split into chunks only when there are too few programs to fill the GPU (``sms``
-    streaming multiprocessors), since each chunk re-reads its halo rows.
+    A program takes PB channels of one sample: in NHWC they are the contiguous axis (up to
+    GPU_MAX_PLANES of them, the column tile narrowing to keep its lanes); in NCHW they fill the
+    lanes that narrow planes (7×7, 14×14) leave. Rows are split into chunks only when there are
+    too few programs to fill the GPU (``sms`` streaming multiprocessors), since each chunk re-reads
+    its halo rows. ``sms=None`` is the interpreter's layout: whole planes per program.
+
+    A GPU thread holds ``per_thread`` lanes: 1 where rings of per-row partials fill the registers
+    (search mode keeps up to nine), 4 for the light kernels, whose loads then become vectors of
+    ``vec`` elements along the contiguous axis wherever the strides allow (see _vector_width).
     """
 
-    def __init__(self, planes: int, H: int, W: int, halo: int, max_block: int, sms: Optional[int] = None):
+    def __init__(self, N: int, C: int, H: int, W: int, halo: int, max_block: int, sms: Optional[int] = None,
+                 channels_last: bool = False, per_thread: int = 1, vec: int = 1):
         on_gpu = sms is not None
-        self.block = max(min(_next_pow2(W + 2 * halo), max_block), _next_pow2(2 * halo + 2))
+        if halo and vec > 1 and not channels_last:  # NCHW column tiles start on a vector boundary
+            halo = -(-halo // vec) * vec
+        self.halo, self.vec, self.channels_last = halo, vec, channels_last
+        lanes = (GPU_LANES * per_thread) if on_gpu else INTERPRETER_LANES
+        min_block = _next_pow2(2 * halo + 2)
+        chans = _next_pow2(C)
+        if channels_last and on_gpu:
+            self.pb = min(chans, GPU_MAX_PLANES)
+            self.block = max(min(_next_pow2(W + 2 * halo), max_block, lanes // self.pb), min_block)
+        else:
+            self.block = max(min(_next_pow2(W + 2 * halo), max_block), min_block)
+            self.pb = max(1, min(chans, lanes // self.block, GPU_MAX_PLANES if on_gpu else chans))
+        self.c_blocks = triton.cdiv(C, self.pb)
         self.tiles = triton.cdiv(W, self.block - 2 * halo)
-        lanes = max(self.block, 256) if on_gpu else 2048
-        self.pb = max(1, min(_next_pow2(planes), lanes // self.block, 8 if on_gpu else 1 << 30))
-        self.plane_blocks = triton.cdiv(planes, self.pb)
         rows = H
         if on_gpu:
-            chunks = min(max(1, math.ceil(4 * sms / (self.plane_blocks * self.tiles))), max(1, H // 16))
+            chunks = min(max(1, math.ceil(4 * sms / (N * self.c_blocks * self.tiles))), max(1, H // 16))
             rows = math.ceil(H / chunks)
         self.rows = max(1, rows)
         self.chunks = triton.cdiv(H, self.rows) if H > 0 else 1
-        # One lane per thread: every ring holds RING values per lane, so lanes per thread multiply
-        # register pressure (search mode keeps up to nine rings live).
-        self.num_warps = max(1, min(8, self.pb * self.block // 32))
+        self.grid = (N * self.c_blocks, self.tiles, self.chunks)
+        self.num_warps = max(1, min(8, self.pb * self.block // (32 * per_thread)))
 
     @classmethod
-    def for_tensor(cls, x: torch.Tensor, halo: int, max_block: int) -> "_Grid":
+    def for_tensors(cls, tensors: Sequence[torch.Tensor], halo: int, max_block: int, per_thread: int = 1) -> "_Grid":
+        """The layout for a launch over ``tensors`` (all of x's shape; the first one is x)."""
+        x = tensors[0]
         N, C, H, W = x.shape
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else None
-        return cls(N * C, H, W, halo, max_block, sms)
-
-    @property
-    def grid(self):
-        return (self.plane_blocks, self.tiles, self.chunks)
+        channels_last = output_format(x) == torch.channels_last
+        return cls(N, C, H, W, halo, max_block, _sm_count(x.device), channels_last, per_thread,
+                   _vector_width(tensors, channels_last))
 
     @property
     def programs(self) -> int:
-        return self.plane_blocks * self.tiles * self.chunks
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def constexprs(self) -> Dict[str, object]:
+        return dict(PB=self.pb, BLOCK=self.block, VEC=self.vec, CL=self.channels_last)
 
 
-# Column tile widths: the forward needs no halo lanes; the backward's gathers do, and its rings
-# are larger, so it keeps narrower tiles.
-FORWARD_MAX_BLOCK = 256
-BACKWARD_MAX_BLOCK = 128
+def _vector_width(tensors: Sequence[torch.Tensor], channels_last: bool) -> int:
+    """The largest of 4 and 2 that divides every stride but the unit one of every tensor, all
+    dense in the same layout (NCHW, or NHWC with channels_last), and the extent of the contiguous
+    axis; else 1. The kernels rewrite those as multiples of it, so the compiler can prove aligned
+    vector accesses; a wrong answer here would change the numbers, which the interpreter tests
+    would see."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if not all(t.is_contiguous(memory_format=fmt) for t in tensors):
+        return 1
+    unit = 1 if channels_last else 3
+    strides = [st for t in tensors for d, st in enumerate(t.stride()) if d != unit]
+    strides.append(tensors[0].shape[unit])  # the contiguous axis's extent too: the masks' vectors
+    return next((v for v in (4, 2) if all(st % v == 0 for st in strides)), 1)
 
 
-def _forward_local(x: torch.Tensor, names: Sequence[str], pi: torch.Tensor, want_local: bool, want_strip: bool):
-    N, C, H, W = x.shape
-    acc = compute_dtype(x.dtype)
-    planes = N * C
-    R = _radius(names)
-    grid = _Grid.for_tensor(x, 0, FORWARD_MAX_BLOCK)
-    local = torch.empty_like(x) if want_local else x.new_empty(0)
-    zh = torch.empty((grid.tiles, planes, H), dtype=acc, device=x.device) if want_strip else x.new_empty(0, dtype=acc)
-    zw = torch.empty((grid.chunks, planes, W), dtype=acc, device=x.device) if want_strip else x.new_empty(0, dtype=acc)
-    _meta_pool_forward_kernel[grid.grid](
-        x, _local_weights(names, pi.to(acc)), local, zh, zw, H, W, grid.rows, planes,
-        **_flags(names), WRITE_LOCAL=want_local, STRIP_SUMS=want_strip,
-        R=R, RING=_ring(R), PB=grid.pb, BLOCK=grid.block, num_warps=grid.num_warps,
-    )
-    if not want_strip:
-        return local, None, None
-    return local, zh.sum(0).view(N, C, H) / W, zw.sum(0).view(N, C, W) / H
+# Lanes per GPU thread: the search-mode kernels hold rings of partials for several candidates,
+# a fixed 5- or 7-wide window keeps that many shifted rows in flight; the rest is light.
+LIGHT_PER_THREAD = 4
+
+
+def _per_thread(names: Sequence[str]) -> int:
+    if len(names) > 1:
+        return 1
+    return 2 if _radius(names) >= 2 else LIGHT_PER_THREAD
+
+
+_layout_sms: Optional[int] = None  # set by gpu_layout(): lay launches out as on such a GPU
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> Optional[int]:
+    if _layout_sms is not None:
+        return _layout_sms
+    return _device_sms(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def gpu_layout(sms: int):
+    """Lay every launch out as on a GPU with ``sms`` multiprocessors (row chunks, plane caps,
+    column tiles), whatever the device: how the interpreter tests the GPU layouts."""
+    global _layout_sms
+    previous, _layout_sms = _layout_sms, int(sms)
+    try:
+        yield
+    finally:
+        _layout_sms = previous
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    return tuple(t.stride())
+
 
 
 # =============================================================================================
@@ -554,6 +726,23 @@ def _gate_backward(grad_g: torch.Tensor, z: torch.Tensor, weight: torch.Tensor):
     return grad_w, grad_b, grad_z
 
 
+def _strip_reduce(a: torch.Tensor, b: Optional[torch.Tensor] = None, sh: Optional[torch.Tensor] = None,
+                  sw: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_w q·sw, Σ_h q·sh) as (N, C, H), (N, C, W) in the accumulation dtype, q = a·b; without
+    b: the plain row and column sums of a."""
+    N, C, H, W = a.shape
+    acc = compute_dtype(a.dtype)
+    weighted = b is not None
+    b = b if weighted else a
+    grid = _Grid.for_tensors((a, b), 0, FORWARD_MAX_BLOCK, LIGHT_PER_THREAD)
+    rows = torch.empty((grid.tiles, N * C, H), dtype=acc, device=a.device)
+    cols = torch.empty((grid.chunks, N * C, W), dtype=acc, device=a.device)
+    _strip_reduce_kernel[grid.grid](
+        a, b, sh if weighted else rows, sw if weighted else rows, rows, cols,
+        C, H, W, *_strides(a), *_strides(b), grid.rows, grid.c_blocks,
+        WEIGHTED=weighted, ACC=_acc(a.dtype), **grid.constexprs(), num_warps=grid.num_warps)
+    return rows.sum(0).view(N, C, H), cols.sum(0).view(N, C, W)
+
 
 # =============================================================================================
 # The op's kernels (same signatures as the schemas in csrc/metapool.cpp)
@@ -570,25 +759,30 @@ def forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, z_h, z_w): z are the strip means, returned so the backward need not recompute them."""
     names = _names(candidates)
-    out_format = output_format(x)
-    x = x.contiguous()
     N, C, H, W = x.shape
     acc = compute_dtype(x.dtype)
-    if pi is None:  # a fixed layer: its one op, weight 1
-        pi = torch.ones(1, dtype=acc, device=x.device)
     has_strip = "strip" in names
-    has_local = any(n != "strip" for n in names)
-    empty_z = (x.new_empty((N, C, H if has_strip else 0), dtype=acc), x.new_empty((N, C, W if has_strip else 0), dtype=acc))
+    out = torch.empty_like(x, memory_format=output_format(x))
     if x.numel() == 0:
-        return torch.empty_like(x), *empty_z
-    local, z_h, z_w = _forward_local(x, names, pi, want_local=has_local, want_strip=has_strip)
-    if not has_strip:
-        return local.contiguous(memory_format=out_format), *empty_z
-    g_h = _gate_logits(z_h, gate_h_weight, gate_h_bias)
-    g_w = _gate_logits(z_w, gate_w_weight, gate_w_bias)
-    weight = pi[names.index("strip")].to(acc)
-    out = strip_gate(x, g_h, g_w, local if has_local else None, weight)
-    return out.contiguous(memory_format=out_format), z_h, z_w
+        return out, x.new_zeros((N, C, H if has_strip else 0), dtype=acc), x.new_zeros((N, C, W if has_strip else 0), dtype=acc)
+    with _on_device(x):
+        if has_strip:
+            row_sums, col_sums = _strip_reduce(x)
+            z_h, z_w = row_sums / W, col_sums / H
+            sh = torch.sigmoid(_gate_logits(z_h, gate_h_weight, gate_h_bias)).contiguous()
+            sw = torch.sigmoid(_gate_logits(z_w, gate_w_weight, gate_w_bias)).contiguous()
+        else:
+            z_h, z_w = x.new_empty((N, C, 0), dtype=acc), x.new_empty((N, C, 0), dtype=acc)
+            sh = sw = out  # never read
+        R = _radius(names)
+        grid = _Grid.for_tensors((x, out), 0, FORWARD_MAX_BLOCK, _per_thread(names))
+        _meta_pool_forward_kernel[grid.grid](
+            x, x if pi is None else pi, sh, sw, out,
+            C, H, W, *_strides(x), *_strides(out), grid.rows, grid.c_blocks,
+            **_slots(names), FIXED=pi is None, R=R, RING=_ring(R), ACC=_acc(x.dtype), **grid.constexprs(),
+            num_warps=grid.num_warps,
+        )
+    return out, z_h, z_w
 
 
 def backward(
@@ -603,58 +797,49 @@ def backward(
     None (a fixed layer).
     """
     names = _names(candidates)
-    out_format = output_format(x)
-    x = x.contiguous()
-    grad = grad.to(x.dtype).contiguous()
+    grad = grad.to(x.dtype)
     N, C, H, W = x.shape
     acc = compute_dtype(x.dtype)
     fixed = pi is None
-    if fixed:
-        pi = torch.ones(1, dtype=acc, device=x.device)
-    planes = N * C
     has_strip = "strip" in names
-    grad_pi = torch.zeros(len(names), dtype=acc, device=x.device)
-    gate_grads = [torch.zeros_like(t) if has_strip else x.new_empty(0)
-                  for t in (gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias)]
+    grad_x = torch.empty_like(x, memory_format=output_format(x))
     if x.numel() == 0:
-        return torch.zeros_like(x, memory_format=out_format), grad_pi[:0] if fixed else grad_pi, *gate_grads
+        grad_pi = x.new_zeros(0 if fixed else len(names), dtype=acc if fixed else pi.dtype)
+        gate_grads = [torch.zeros_like(t) if has_strip else x.new_empty(0)
+                      for t in (gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias)]
+        return grad_x.zero_(), grad_pi, *gate_grads
 
-    R = _radius(names)
-    sh = sw = gzh = gzw = strip_w = torch.zeros(1, dtype=acc, device=x.device)
-    if has_strip:
-        g_h = _gate_logits(z_h, gate_h_weight, gate_h_bias)
-        g_w = _gate_logits(z_w, gate_w_weight, gate_w_bias)
-        sh, sw = torch.sigmoid(g_h).contiguous(), torch.sigmoid(g_w).contiguous()
-        strip_w = pi[names.index("strip")].to(acc).reshape(1)
-        red = _Grid.for_tensor(x, 0, FORWARD_MAX_BLOCK)
-        rows_part = torch.empty((red.tiles, planes, H), dtype=acc, device=x.device)
-        cols_part = torch.empty((red.chunks, planes, W), dtype=acc, device=x.device)
-        _strip_reduce_kernel[red.grid](
-            grad, x, sh, sw, rows_part, cols_part, H, W, red.rows, planes,
-            PB=red.pb, BLOCK=red.block, num_warps=red.num_warps)
-        row_sum = rows_part.sum(0).view(N, C, H)  # Σ_w grad·x·σ(g_w)
-        col_sum = cols_part.sum(0).view(N, C, W)  # Σ_h grad·x·σ(g_h)
-        grad_pi[names.index("strip")] = (row_sum * sh).sum()
-        grad_gh = strip_w * row_sum * sh * (1 - sh)
-        grad_gw = strip_w * col_sum * sw * (1 - sw)
-        gh_w, gh_b, grad_zh = _gate_backward(grad_gh, z_h, gate_h_weight)
-        gw_w, gw_b, grad_zw = _gate_backward(grad_gw, z_w, gate_w_weight)
-        gate_grads = [gh_w, gh_b, gw_w, gw_b]
-        gzh, gzw = (grad_zh / W).contiguous(), (grad_zw / H).contiguous()
+    with _on_device(x):
+        sh = sw = gzh = gzw = grad_x  # never read without 'strip'
+        gate_grads = [x.new_empty(0)] * 4
+        if has_strip:
+            si = names.index("strip")
+            strip_w = 1.0 if fixed else pi[si].to(acc)
+            sh = torch.sigmoid(_gate_logits(z_h, gate_h_weight, gate_h_bias)).contiguous()
+            sw = torch.sigmoid(_gate_logits(z_w, gate_w_weight, gate_w_bias)).contiguous()
+            row_sum, col_sum = _strip_reduce(grad, x, sh, sw)  # Σ_w grad·x·σ(g_w), Σ_h grad·x·σ(g_h)
+            grad_gh = strip_w * row_sum * sh * (1 - sh)
+            grad_gw = strip_w * col_sum * sw * (1 - sw)
+            gh_w, gh_b, grad_zh = _gate_backward(grad_gh, z_h, gate_h_weight)
+            gw_w, gw_b, grad_zw = _gate_backward(grad_gw, z_w, gate_w_weight)
+            gate_grads = [gh_w, gh_b, gw_w, gw_b]
+            gzh, gzw = (grad_zh / W).contiguous(), (grad_zw / H).contiguous()
 
-    grid = _Grid.for_tensor(x, R, BACKWARD_MAX_BLOCK)
-    grad_x = torch.empty_like(x)
-    alpha_part = torch.empty((grid.programs, 8), dtype=acc, device=x.device)
-    scratch = torch.empty((grid.programs * grid.pb * 2 * grid.block,), dtype=acc, device=x.device)
-    _meta_pool_backward_kernel[grid.grid](
-        grad, x, _local_weights(names, pi.to(acc)), grad_x, alpha_part, scratch,
-        sh, sw, gzh, gzw, strip_w,
-        H, W, grid.rows, planes, grid.tiles, grid.chunks,
-        **_flags(names), HAS_STRIP=has_strip,
-        R=R, RING=_ring(R), PB=grid.pb, BLOCK=grid.block, num_warps=grid.num_warps,
-    )
-    alpha_sums = alpha_part.sum(0)
-    for k, n in enumerate(names):
-        if n != "strip":
-            grad_pi[k] = alpha_sums[LOCAL_SLOT[n]]
-    return grad_x.contiguous(memory_format=out_format), grad_pi[:0] if fixed else grad_pi, *gate_grads
+        R = _radius(names)
+        grid = _Grid.for_tensors((x, grad, grad_x), R, BACKWARD_MAX_BLOCK, _per_thread(names))
+        alpha_part = grad_x if fixed else torch.empty((grid.programs, len(names)), dtype=acc, device=x.device)
+        _meta_pool_backward_kernel[grid.grid](
+            grad, x, x if fixed else pi, grad_x, alpha_part, sh, sw, gzh, gzw,
+            C, H, W, *_strides(grad), *_strides(x), *_strides(grad_x),
+            grid.rows, grid.c_blocks, grid.tiles, grid.chunks, len(names),
+            **_slots(names), FIXED=fixed, R=R, RING=_ring(R), HALO=grid.halo, ACC=_acc(x.dtype),
+            **grid.constexprs(), num_warps=grid.num_warps,
+        )
+        if fixed:
+            grad_pi = x.new_empty(0, dtype=acc)
+        else:
+            grad_pi = alpha_part.sum(0)
+            if has_strip:
+                grad_pi[si] += (row_sum * sh).sum()
+            grad_pi = grad_pi.to(pi.dtype)
+    return grad_x, grad_pi, *gate_grads

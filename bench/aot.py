@@ -1,0 +1,231 @@
+"""Ahead-of-time compiles of the Triton kernels exactly as the launchers launch them, for a GPU
+target, without a GPU; and what the compiled code says about speed.
+
+    python -m bench.aot < jobs.json > results.json      # the compile worker (interpreter off)
+
+A *launch* is captured by running the launchers of :mod:`metapool_kernels.ops.meta_pool_triton`
+on fake CUDA tensors (``FakeTensorMode``) with the kernels replaced by recorders, under the GPU
+launch layout of a given SM count: the kernel, its arguments, constexprs and warps are the real
+ones. A *job* is a launch made JSON: pointer dtypes, integer arguments specialised the way Triton's
+JIT specialises them (1 → constexpr, multiples of 16 → divisible by 16; tensors are 16-byte
+aligned), so the compiled code is the code a GPU would run. The worker compiles each job with
+``triton.compile`` for ``GPUTarget('cuda', arch, 32)`` and reports registers, spills, shared
+memory (ptxas) and the global load/store instructions of the PTX with their widths.
+
+Triton fixes interpreted-or-compiled when a kernel is defined, so the compiles run in a child
+process with ``TRITON_INTERPRET=0`` (:func:`compile_jobs`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ("_meta_pool_forward_kernel", "_meta_pool_backward_kernel", "_strip_reduce_kernel")
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+# H100 SXM (sm_90): 132 SMs, per SM 64 K registers, 64 warps, 32 blocks, 228 KiB shared memory.
+H100 = dict(sms=132, regs_per_sm=65536, max_warps=64, max_blocks=32, smem_per_sm=228 * 1024,
+            smem_reserved_per_block=1024, hbm_bytes_per_s=3.35e12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capturing launches
+# ---------------------------------------------------------------------------------------------
+class _Recorder:
+    def __init__(self, name: str, launches: List[Dict[str, Any]]):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            num_warps = kwargs.pop("num_warps")
+            self.launches.append(dict(kernel=self.name, grid=tuple(int(g) for g in grid), args=list(args),
+                                      constexprs=kwargs, num_warps=num_warps))
+        return launch
+
+
+def capture_launches(shape: Sequence[int], names: Sequence[str], dtype: torch.dtype = torch.float32,
+                     channels_last: bool = False, fixed: bool = False, sms: int = H100["sms"],
+                     backward: bool = True) -> List[Dict[str, Any]]:
+    """Every kernel launch of one forward (and backward) of the op on CUDA tensors of ``shape``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from metapool_kernels.ops import meta_pool_triton as mpt
+    launches: List[Dict[str, Any]] = []
+    saved = {k: getattr(mpt, k) for k in KERNELS + ("_on_device",)}
+    try:
+        for k in KERNELS:
+            setattr(mpt, k, _Recorder(k, launches))
+        mpt._on_device = lambda t: contextlib.nullcontext()
+        C = shape[1]
+        with FakeTensorMode(), mpt.gpu_layout(sms):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            x = torch.empty(tuple(shape), dtype=dtype, device="cuda").contiguous(memory_format=fmt)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            pi = None if fixed else torch.empty(len(names), dtype=acc, device="cuda")
+            gates = [torch.empty(s, device="cuda") for s in ((C, C, 1), (C,), (C, C, 1), (C,))]
+            cands = ",".join(names)
+            out, z_h, z_w = mpt.forward(x, pi, *gates, cands)
+            if backward:
+                mpt.backward(torch.empty_like(out), x, pi, *gates, z_h, z_w, cands)
+    finally:
+        for k, v in saved.items():
+            setattr(mpt, k, v)
+    for launch in launches:
+        launch["args"] = [_describe_arg(a) for a in launch["args"]]
+        launch["constexprs"] = {k: _describe_constexpr(v) for k, v in launch["constexprs"].items()}
+    return launches
+
+
+def _describe_arg(a):
+    if isinstance(a, torch.Tensor):
+        return {"pointer": TRITON_DTYPES[a.dtype]}
+    if isinstance(a, bool) or not isinstance(a, int):
+        raise TypeError(f"unexpected kernel argument {a!r}")
+    return {"int": a}
+
+
+def _describe_constexpr(v):
+    import triton.language as tl
+    if isinstance(v, tl.dtype):
+        return {"dtype": str(v)}
+    return v
+
+
+def job(launch: Dict[str, Any], arch: int, job_id: str) -> Dict[str, Any]:
+    return dict(id=job_id, arch=arch, **{k: launch[k] for k in ("kernel", "args", "constexprs", "num_warps")})
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: compile and inspect (runs with the interpreter off)
+# ---------------------------------------------------------------------------------------------
+def _compile(job: Dict[str, Any]):
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from metapool_kernels.ops import meta_pool_triton as mpt
+    fn = getattr(mpt, job["kernel"])
+    dtypes = {str(t): t for t in (tl.float16, tl.bfloat16, tl.float32, tl.float64)}
+    constexprs = {k: (dtypes[v["dtype"]] if isinstance(v, dict) else v) for k, v in job["constexprs"].items()}
+    runtime = [n for n in fn.arg_names if n not in constexprs]
+    if len(runtime) != len(job["args"]):
+        raise ValueError(f"{job['kernel']} takes {len(runtime)} runtime arguments, the launch gave {len(job['args'])}")
+    signature, attrs = {}, {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        arg = job["args"][runtime.index(name)]
+        idx = (fn.arg_names.index(name),)
+        if "pointer" in arg:
+            signature[name] = "*" + arg["pointer"]
+            attrs[idx] = [["tt.divisibility", 16]]  # the caching allocator aligns every tensor
+        elif arg["int"] == 1:  # Triton's JIT turns an integer 1 into a constant
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32" if -2**31 <= arg["int"] < 2**31 else "i64"
+            if arg["int"] % 16 == 0:
+                attrs[idx] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
+
+
+def _ptxas(ptx: str, arch: int) -> Dict[str, int]:
+    from triton.backends.nvidia.compiler import get_ptxas
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.ptx"
+        path.write_text(ptx)
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(path), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr)
+    regs = int(re.search(r"Used (\d+) registers", res.stderr).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+    smem = re.search(r"(\d+) bytes smem", res.stderr)
+    return dict(registers=regs, spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
+                ptxas_smem=int(smem.group(1)) if smem else 0)
+
+
+_MEMORY_OP = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)+)")
+_ASYNC_COPY = re.compile(r"\bcp\.async\.\w+\.shared\.global(?:\.[\w:]+)*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
+
+
+def ptx_memory_ops(ptx: str) -> Dict[str, Dict[str, int]]:
+    """Static count of global loads and stores in the PTX, by access width in bits."""
+    counts: Dict[str, Counter] = {"ld": Counter(), "st": Counter()}
+    for m in _MEMORY_OP.finditer(ptx):
+        vec, bits = 1, 0
+        for token in m.group(2).split(".")[1:]:
+            if re.fullmatch(r"v\d", token):
+                vec = int(token[1:])
+            elif re.fullmatch(r"[bfus]\d+", token):
+                bits = int(token[1:])
+        counts[m.group(1)][str(vec * bits)] += 1
+    # Loads the software pipeliner turned into asynchronous copies to shared memory (the next
+    # rows' data fetched while the current row computes): their last operand is the size in bytes.
+    for m in _ASYNC_COPY.finditer(ptx):
+        counts["ld"][str(int(m.group(1), 0) * 8)] += 1
+    return {op: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for op, c in counts.items()}
+
+
+def compile_job(job: Dict[str, Any]) -> Dict[str, Any]:
+    kernel = _compile(job)
+    ptx = kernel.asm["ptx"]
+    res = dict(id=job["id"], **_ptxas(ptx, job["arch"]))
+    res["shared"] = int(getattr(kernel.metadata, "shared", 0))
+    res.update(ptx_memory_ops(ptx))
+    return res
+
+
+def main() -> None:
+    results = []
+    for j in json.load(sys.stdin):
+        try:
+            results.append(compile_job(j))
+        except Exception:  # reported per job, so one bad configuration does not hide the others
+            results.append(dict(id=j["id"], error=traceback.format_exc()))
+    json.dump(results, sys.stdout)
+
+
+def compile_jobs(jobs: Sequence[Dict[str, Any]], timeout: int = 1800) -> Dict[str, Dict[str, Any]]:
+    """Compile ``jobs`` in a child process with the interpreter off; results by job id."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    res = subprocess.run([sys.executable, "-m", "bench.aot"], input=json.dumps(jobs), capture_output=True, text=True,
+                         env=env, timeout=timeout, cwd=str(ROOT))
+    if res.returncode != 0:
+        raise RuntimeError(f"AOT compile worker failed:\n{res.stderr[-5000:]}")
+    return {r["id"]: r for r in json.loads(res.stdout)}
+
+
+# ---------------------------------------------------------------------------------------------
+# What the compiled code predicts
+# ---------------------------------------------------------------------------------------------
+def occupancy(registers: int, shared: int, num_warps: int, gpu: Dict[str, Any] = H100) -> Dict[str, int]:
+    """Resident blocks and warps per SM: registers are allocated per warp in units of 256."""
+    regs_per_warp = math.ceil(registers * 32 / 256) * 256
+    by_regs = gpu["regs_per_sm"] // (regs_per_warp * num_warps)
+    by_warps = gpu["max_warps"] // num_warps
+    by_smem = gpu["smem_per_sm"] // (shared + gpu["smem_reserved_per_block"]) if shared else gpu["max_blocks"]
+    blocks = min(by_regs, by_warps, by_smem, gpu["max_blocks"])
+    return dict(blocks=blocks, warps=blocks * num_warps)
+
+
+if __name__ == "__main__":
+    main()
