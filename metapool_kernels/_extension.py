@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -50,3 +51,19 @@ C = _load()
 
 def has_cuda_kernels() -> bool:
     return bool(C.with_cuda())
+
+
+# The package's ops have decompositions registered for the exporters (metapool_kernels/export.py).
+# Inductor takes a custom op that has one for a missing lowering (an AssertionError when the CI
+# environment variable is set) unless the op is on its fallback allow-list, as torchvision's
+# roi_align is; compiled, the ops must run their own kernels.
+INDUCTOR_FALLBACKS = ("metapool::meta_pool", "metapool::meta_pool_backward",
+                      "metapool::strip_gate", "metapool::strip_gate_backward")
+
+
+def keep_kernels_under_inductor() -> None:
+    """Put the ops on inductor's fallback allow-list once inductor is loaded (never imports it:
+    the fake kernels call this, and inductor is loaded before it traces them)."""
+    allow = getattr(sys.modules.get("torch._inductor.lowering"), "FALLBACK_ALLOW_LIST", None)
+    if allow is not None and INDUCTOR_FALLBACKS[0] not in allow:
+        allow.update(INDUCTOR_FALLBACKS)

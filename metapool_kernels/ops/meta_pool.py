@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .. import _extension  # noqa: F401  (loads the C++ ops and their CPU kernels)
+from .. import _extension  # loads the C++ ops and their CPU kernels
 from ..reference import check_candidates, check_input, check_same_device, compute_dtype
 from .strip_gate import output_format
 
@@ -108,6 +108,7 @@ def _quiet_override():
 # ---------------------------------------------------------------------------------------------
 @torch.library.register_fake("metapool::meta_pool")
 def _meta_pool_fake(x, pi, gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias, candidates):
+    _extension.keep_kernels_under_inductor()
     N, C, H, W = x.shape
     acc = compute_dtype(x.dtype)
     strip = "strip" in _names(candidates)
@@ -119,6 +120,7 @@ def _meta_pool_fake(x, pi, gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bia
 @torch.library.register_fake("metapool::meta_pool_backward")
 def _meta_pool_backward_fake(grad, x, pi, gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias, z_h, z_w,
                              candidates):
+    _extension.keep_kernels_under_inductor()
     strip = "strip" in _names(candidates)
     gates = [torch.empty_like(t) if strip else x.new_empty(0)
              for t in (gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias)]

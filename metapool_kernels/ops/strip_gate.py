@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import _extension  # noqa: F401  (loads the C++ ops)
+from .. import _extension  # loads the C++ ops
 from ..reference import check_floating, check_input, check_same_device, compute_dtype
 
 __all__ = ["strip_gate"]
@@ -66,11 +66,13 @@ def output_format(x: torch.Tensor) -> torch.memory_format:
 
 @torch.library.register_fake("metapool::strip_gate")
 def _strip_gate_fake(x, g_h, g_w, base=None, weight=None):
+    _extension.keep_kernels_under_inductor()
     return torch.empty_like(x, memory_format=output_format(x))
 
 
 @torch.library.register_fake("metapool::strip_gate_backward")
 def _strip_gate_backward_fake(grad, x, g_h, g_w, weight=None):
+    _extension.keep_kernels_under_inductor()
     acc = compute_dtype(x.dtype)
     return (
         torch.empty_like(x, memory_format=output_format(x)),
