@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from . import _extension  # noqa: F401  (defines the metapool ops)
+from . import _extension  # defines the metapool ops
 from .ops.strip_gate import output_format
 from .reference import compute_dtype, local_op, strip_gate, strip_means
 
@@ -52,6 +52,7 @@ def strip_gate_decomposition(x: torch.Tensor, g_h: torch.Tensor, g_w: torch.Tens
                              weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``base + weight * x * σ(g_h)[..., None] * σ(g_w)[..., None, :]`` as the C++ kernels compute it:
     in the compute dtype, base rounded to x's dtype first, the result in x's dtype and layout."""
+    _extension.keep_kernels_under_inductor()  # fake tracing with dynamic shapes reads this, not the fake kernel
     acc = compute_dtype(x.dtype)
     out = strip_gate(x.to(acc), g_h.to(acc), g_w.to(acc))
     if weight is not None:
@@ -72,6 +73,7 @@ def meta_pool_decomposition(x: torch.Tensor, pi: Optional[torch.Tensor],
                             candidates: str):
     """(Σ_k π_k op_k(x), z_h, z_w) as the op returns it; π is None for a fixed layer (one op, no
     weight). z_h, z_w are the strip means in the compute dtype, (N, C, 0) without 'strip'."""
+    _extension.keep_kernels_under_inductor()  # fake tracing with dynamic shapes reads this, not the fake kernel
     names = candidates.split(",")
     acc = compute_dtype(x.dtype)
     xc = x.to(acc)
