@@ -124,7 +124,7 @@ inline T reduce_sum(const Vectorized<T>& v) {
 // ---------------------------------------------------------------------------------------------
 // How the tensor is cut into items.
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kRowTarget = 1024;   // packed row length to aim for (~4 KiB of float32)
+constexpr int64_t kRowTarget = 2048;   // packed row length to aim for (~8 KiB of float32)
 constexpr int64_t kPackBelowW = 32;    // NCHW rows narrower than this pack several channels per row
 constexpr int64_t kItemTarget = 32;    // split rows into chunks until there are this many items
 constexpr int64_t kMinChunkRows = 32;  // ... but not into chunks shorter than this (halo cost)
@@ -144,7 +144,8 @@ struct Layout {
     // vectorised along W when wide enough; narrow ones (the 14×14, 7×7 maps of deep blocks) are
     // transposed on the fly so that channels fill the vectors there too.
     const bool pack = cl || W < kPackBelowW;
-    lanes = pack ? std::min<int64_t>(C, std::max<int64_t>(8, kRowTarget / std::max<int64_t>(W, 1))) : 1;
+    // A block of channels is a whole number of vectors (8 float32), so its columns copy in whole vectors.
+    lanes = pack ? std::min<int64_t>(C, std::max<int64_t>(8, kRowTarget / std::max<int64_t>(W, 1) / 8 * 8)) : 1;
     cblocks = (C + lanes - 1) / lanes;
     const int64_t groups = N * cblocks;
     chunks = 1;
@@ -185,8 +186,8 @@ struct Item {
 
 template <typename S, typename D>
 inline void convert_contiguous(const S* src, D* dst, int64_t n) {
-  if constexpr (std::is_same_v<S, D>) {
-    std::memcpy(dst, src, n * sizeof(D));
+  if constexpr (std::is_same_v<S, D> && (std::is_same_v<D, float> || std::is_same_v<D, double>)) {
+    vec_loop<D>(n, [&](int64_t f, int64_t m) { store(dst + f, load(src + f, m), m); });  // inline, short or long
   } else {
     for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(src[k]);
   }
