@@ -59,7 +59,7 @@ ablation: build data
 	$(PY) -m metapool_kernels.pmpl ablation --report bench/results/ablation
 
 # Every suite on the device present (CUDA if torch sees one), one JSON into bench/results/, then
-# bench/RESULTS.md from all of them. Knobs: BENCH_SCOPE=smoke|quick|default|full, BENCH_THREADS (1; 0: torch's),
+# bench/RESULTS.md from all of them. Knobs: BENCH_SCOPE=smoke|quick|default|full, BENCH_THREADS (thread counts, e.g. 1,all — the default),
 # BENCH_DEVICE=auto|cpu|cuda, BENCH_GENOTYPE=file.json, BENCH_ARGS="-k ..." (see bench/README.md).
 # The report is rendered even when a variant failed (its error is a row); the exit status is pytest's.
 BENCH_ARGS ?=
