@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from metapool_kernels.pmpl.runtime import cpu_model
+
 SCHEMA = 1
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -44,18 +46,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Environment.
 # ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 

@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import shutil
 import time
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ import torch
 
 from ..reference import PAPER_CANDIDATES
 from . import ablation_report as report
+from .runtime import cpu_model
 from .search import SearchConfig, run_search
 from .train import TrainConfig, run_train
 
@@ -280,18 +280,6 @@ def run_one(cfg: AblationConfig, plan: Plan, variant: str, seed: int, log=print)
             "epochs": res.epochs, "retrain_steps": res.epochs * plan.retrain_steps_per_epoch,
             "retrain_seconds": sum(h.get("seconds", 0.0) for h in res.history), "search": search_info,
             "device": cfg.device, "threads": torch.get_num_threads(), "cpu": cpu_model()}
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pickle
+import platform
 import random
 import time
 from dataclasses import dataclass, fields
@@ -531,3 +532,14 @@ def memory_format(channels_last: Optional[bool], device: torch.device) -> torch.
     use = device.type == "cpu" if channels_last is None else channels_last
     return torch.channels_last if use else torch.contiguous_format
 
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
