@@ -56,15 +56,15 @@ constexpr int kRing = 8;  // rows kept per ring: ≥ 2·3 + 2, the widest window
 // the main loop once the body is inlined.
 // ---------------------------------------------------------------------------------------------
 #if defined(CPU_CAPABILITY_AVX2)
-// Lane masks for partial vectors: the first n lanes of mask_lanes<T>(n) are set. AVX2's masked
-// loads and stores take one instruction where ATen's partial loadu/store copy through memory.
-alignas(32) static const int64_t kLaneMask[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
-inline __m256i float_mask(int64_t n) {  // 8 × 32-bit lanes: two 32-bit halves per int64 entry
+// Lane masks for partial vectors: the first n lanes are set. AVX2's masked loads and stores take
+// one instruction where ATen's partial loadu/store copy through memory.
+inline __m256i float_mask(int64_t n) {  // 8 × 32-bit lanes
   alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
 }
-inline __m256i double_mask(int64_t n) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + 4 - n));
+inline __m256i double_mask(int64_t n) {  // 4 × 64-bit lanes
+  alignas(32) static const int64_t m[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 4 - n));
 }
 #endif
 

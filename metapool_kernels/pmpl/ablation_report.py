@@ -265,7 +265,7 @@ def render_markdown(results: Dict[str, Any], interpretation: Optional[str] = Non
                      f"{s['retrain_seconds'] / 60:.1f}"))
     lines += _md_table(("variant", "enhancers", "seeds", "top-1 % (mean ± std)", "top-5 % (mean ± std)", "top-1 per seed",
                         "params", "MACs", "retrain min/seed"), rows)
-    lines += ["", f"Paper (ImageNet, Table 3): No 72.3 / Local 73.2 / Global 73.9 / Random 73.4 / PMPL 74.6.", ""]
+    lines += ["", "Paper (ImageNet, Table 3): No 72.3 / Local 73.2 / Global 73.9 / Random 73.4 / PMPL 74.6.", ""]
     lines += ["## Reading (generated from the numbers)", ""]
     lines += reading(summary, results["comparisons"], results.get("pmpl_layers"), results.get("random_layers"), labels)
     if results.get("pmpl_layers"):
