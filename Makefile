@@ -24,7 +24,7 @@ all: test
 
 help:
 	@echo "make demo   - PMPL demo on Fashion-MNIST (sets everything up)"
-	@echo "make ablation - the paper's Table 3 on Fashion-MNIST, 3 seeds (about 3 h; resumable)"
+	@echo "make ablation - the paper's Table 3 on Fashion-MNIST, 3 seeds (about 2.5 h; resumable)"
 	@echo "make test   - the test suite (sets everything up)"
 	@echo "make bench  - latency suites into bench/results/"
 	@echo "make gpu-check - on a CUDA GPU: build, the CUDA tests, the quick benchmark (< 10 min)"
@@ -54,9 +54,11 @@ test: build data
 demo: build data
 	$(PY) -m metapool_kernels.demo
 
-# The paper's Table 3 on Fashion-MNIST with three seeds (about 3 h on 2 cores; run again to resume).
+# The paper's Table 3 on Fashion-MNIST with three seeds (about 2.5 h on 2 cores, two runs at a time;
+# run again to resume).
+ABLATION_JOBS ?= 2
 ablation: build data
-	$(PY) -m metapool_kernels.pmpl ablation --report bench/results/ablation
+	$(PY) -m metapool_kernels.pmpl ablation --jobs $(ABLATION_JOBS) --report bench/results/ablation
 
 # Every suite on the device present (CUDA if torch sees one), one JSON into bench/results/, then
 # bench/RESULTS.md from all of them. Knobs: BENCH_SCOPE=smoke|quick|default|full, BENCH_THREADS (thread counts, e.g. 1,all — the default),

@@ -187,7 +187,7 @@ def what_this_shows(retrain_epochs: int, search_steps: int, report_dir: Path = A
                   f"  details, budget and reading: {report_dir / 'RESULTS.md'}"]
     else:
         lines += ["The comparison with seeds (the paper's Table 3 on Fashion-MNIST, three seeds, mean ± std):",
-                  "  python -m metapool_kernels.pmpl ablation --report bench/results/ablation   (about 3 h on 2 cores;",
+                  "  python -m metapool_kernels.pmpl ablation --jobs 2 --report bench/results/ablation   (≈2.5 h, 2 cores;",
                   f"  no results are committed in {report_dir} yet)"]
     return lines
 

@@ -186,6 +186,59 @@ def test_ablation_resumes_and_reports_what_its_runs_measured(tmp_path, monkeypat
     monkeypatch.setattr(ablation, "run_search", real_search)
 
 
+def test_jobs_run_in_processes_with_the_results_of_one_job(tmp_path):
+    # Two runs at a time (worker processes) give the same numbers as one after the other, each run's
+    # output lands in its own console.log, and the report holds every run.
+    kw = dict(variants=("none", "pmpl"), seeds=(0, 1), retrain_epochs=1)
+    serial = ablation.run_ablation(tiny(tmp_path / "one", **kw), log=lambda *a: None)
+    lines = []
+    cfg = tiny(tmp_path / "two", jobs=2, **kw)
+    parallel = ablation.run_ablation(cfg, log=lines.append)
+    key = lambda r: (r["variant"], r["seed"])  # noqa: E731
+    one, two = sorted(serial["runs"], key=key), sorted(parallel["runs"], key=key)
+    assert [key(r) for r in two] == [("none", 0), ("none", 1), ("pmpl", 0), ("pmpl", 1)]
+    for a, b in zip(one, two):
+        assert (a["top1"], a["loss"], a["genotype"]) == (b["top1"], b["loss"], b["genotype"])
+        assert (a["jobs"], b["jobs"], b["threads"]) == (1, 2, 1)
+    for variant, seed in map(key, two):
+        console = (Path(cfg.out_dir) / "runs" / f"{variant}-seed{seed}" / "console.log").read_text()
+        assert "epoch 1/1: loss" in console, console[-500:]
+    assert "2 runs at a time" in (Path(cfg.out_dir) / "RESULTS.md").read_text()
+    assert any("4 run(s) to go, 2 at a time x 1 thread(s)" in line for line in lines)
+
+
+def test_a_failed_job_is_named_and_the_finished_runs_are_kept(tmp_path):
+    cfg = tiny(tmp_path, variants=("none", "pmpl"), seeds=(0,), retrain_epochs=1, jobs=2)
+    # A search folder with files but no checkpoint: the run refuses to start over it.
+    leftover = Path(cfg.out_dir) / "runs" / "pmpl-seed0" / "search"
+    leftover.mkdir(parents=True)
+    (leftover / "genotype.json.tmp").write_text("{}")
+    with pytest.raises(RuntimeError, match=r"pmpl seed 0 failed: .*no checkpoint.pt to resume from"):
+        ablation.run_ablation(cfg, log=lambda *a: None)
+    assert (Path(cfg.out_dir) / "runs" / "none-seed0" / "result.json").is_file()
+    assert not (Path(cfg.out_dir) / "runs" / "pmpl-seed0" / "result.json").exists()
+
+
+def test_list_schedule_and_the_order_the_jobs_start_runs(tmp_path):
+    assert ablation.list_schedule([5, 1, 1, 1, 1], 2) == 5
+    assert ablation.list_schedule([1, 1, 1, 1, 5], 2) == 7
+    assert ablation.list_schedule([3, 2, 2], 1) == 7
+    runs = [(v, s) for s in (0, 1) for v in ("none", "pmpl", "local")]
+    assert ablation.start_order(tiny(tmp_path), runs) == runs
+    assert ablation.start_order(tiny(tmp_path, jobs=2), runs) == [
+        ("pmpl", 0), ("pmpl", 1), ("none", 0), ("local", 0), ("none", 1), ("local", 1)]
+    cfg = tiny(tmp_path, variants=("none", "pmpl"), batch_size=4, seeds=(0, 1), retrain_epochs=1, test_subset=4,
+               jobs=2)
+    plan = ablation.Plan(retrain_steps_per_epoch=10, search_steps_per_epoch=10, search_epochs=1, alpha_lr=0.01,
+                         map_sizes=[])
+    est = ablation.estimate(cfg, plan, {"none": 1.0, "pmpl": 1.0, "search": 4.0})
+    # runs: pmpl 0, pmpl 1 (10.35 + 40 s each) on both workers, then none 0 and none 1 (10.35 s each)
+    assert est["wall_hours_measured"] * 3600 == pytest.approx(50.35 + 10.35)
+    assert est["hours_measured"] * 3600 == pytest.approx(2 * 50.35 + 2 * 10.35)
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        tiny(tmp_path, jobs=0)
+
+
 def test_cli_rejects_an_unknown_variant(capsys):
     from metapool_kernels.pmpl.cli import main
 
@@ -221,6 +274,7 @@ def test_estimate_adds_up_every_run(tmp_path):
     evals = (1.0 + 2.0) * 0.35 * 40 / 4 * 3
     assert est["hours_measured"] * 3600 == pytest.approx(retrain + evals + 5.0 * 15 * 3)
     assert est["hours_at_goal"] * 3600 == pytest.approx(retrain + evals + 2 * 1.3 * 1.0 * 15 * 3)
+    assert est["wall_hours_measured"] == pytest.approx(est["hours_measured"])  # one job: the sum
 
 
 def test_cli_help_lists_the_budget_knobs(capsys):

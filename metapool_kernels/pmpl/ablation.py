@@ -18,28 +18,32 @@ A seed sets the data order and augmentation, the initialisation, the Random draw
 
 The budget (see :class:`AblationConfig` and :func:`scaled_alpha_lr`): the paper searches 30 epochs
 of ImageNet (≈150,000 bi-level steps) and retrains 200 epochs; on a 2-core CPU the whole table gets
-about three hours, so the retraining is 2 epochs and the search 6 epochs of D_tr (1,404 steps). With
-150,000 / 1,404 ≈ 107 times fewer steps, α's Adam learning rate is scaled by √107 (0.0031 instead of
-3e-4): the random-walk part of α's travel, η·√S, is then the paper's (≈0.12, a third of the smallest
-logit gap Eq. 4 needs at ρ = 0.2), so noise alone does not fix layers, while the drift a consistent
-gradient can produce, η·S ≈ 4.4, is what the step count allows (the paper's ≈45 would take
-η = 0.032, whose noise travel ≈1.2 exceeds the Eq. 4 gap: layers would be fixed on noise, as in a
-short demo). Nothing here is tuned on the test set.
+about three hours (2.5 with ``--jobs 2``), so the retraining is 2 epochs and the search 6 epochs of
+D_tr (1,404 steps). With 150,000 / 1,404 ≈ 107 times fewer steps, α's Adam learning rate is scaled
+by √107 (0.0031 instead of 3e-4): the random-walk part of α's travel, η·√S, is then the paper's
+(≈0.12, a third of the smallest logit gap Eq. 4 needs at ρ = 0.2), so noise alone does not fix
+layers, while the drift a consistent gradient can produce, η·S ≈ 4.4, is what the step count allows
+(the paper's ≈45 would take η = 0.032, whose noise travel ≈1.2 exceeds the Eq. 4 gap: layers would
+be fixed on noise, as in a short demo). Nothing here is tuned on the test set.
 
 Layout of ``--out`` (default ``runs/ablation``): ``settings.json`` (what every run shares; resuming
 with other settings is refused), ``runs/<variant>-seed<k>/`` per run (``search/`` for PMPL,
-``retrain/``, ``genotype.json`` for Random and ``result.json`` once finished), and the report:
-``results.json``, ``RESULTS.md`` and ``layer_choices.png`` (into ``--report`` if given). Finished
-runs are skipped; an interrupted one resumes from its last epoch's checkpoint.
+``retrain/``, ``genotype.json`` for Random, ``console.log`` with ``--jobs`` above 1 and
+``result.json`` once finished), and the report: ``results.json``, ``RESULTS.md`` and
+``layer_choices.png`` (into ``--report`` if given). Finished runs are skipped; an interrupted one
+resumes from its last epoch's checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,10 +116,11 @@ class AblationConfig:
     out_dir: str = "runs/ablation"
     report_dir: Optional[str] = None      # default: out_dir
     device: str = "cpu"
-    threads: Optional[int] = None         # None: torch's default
+    threads: Optional[int] = None         # None: torch's default (divided among the jobs)
+    jobs: int = 1                         # runs at a time, each in its own process
     progress: bool = True
 
-    RUN_FIELDS = ("variants", "seeds", "out_dir", "report_dir", "device", "threads", "progress")
+    RUN_FIELDS = ("variants", "seeds", "out_dir", "report_dir", "device", "threads", "jobs", "progress")
 
     def __post_init__(self):
         self.candidates, self.variants = tuple(self.candidates), tuple(self.variants)
@@ -125,8 +130,8 @@ class AblationConfig:
             raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
-        for name in ("retrain_epochs", "search_epochs", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("retrain_epochs", "search_epochs", "batch_size", "jobs", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     def settings(self) -> Dict[str, Any]:
@@ -279,7 +284,7 @@ def run_one(cfg: AblationConfig, plan: Plan, variant: str, seed: int, log=print)
             "top5": res.top5, "loss": res.loss, "train_acc": res.train_acc, "params": res.params, "macs": res.macs,
             "epochs": res.epochs, "retrain_steps": res.epochs * plan.retrain_steps_per_epoch,
             "retrain_seconds": sum(h.get("seconds", 0.0) for h in res.history), "search": search_info,
-            "device": cfg.device, "threads": torch.get_num_threads(), "cpu": cpu_model()}
+            "device": cfg.device, "threads": torch.get_num_threads(), "jobs": cfg.jobs, "cpu": cpu_model()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,32 +316,106 @@ def finished_runs(cfg: AblationConfig) -> List[Dict[str, Any]]:
 
 
 def run_ablation(cfg: AblationConfig, log=print, run: Callable = run_one) -> Dict[str, Any]:
-    """Every (seed, variant) run not finished yet, seed by seed (so a partial table already holds
-    every variant), the report rewritten after each; returns the results dict."""
+    """Every (seed, variant) run not finished yet, the report rewritten after each; returns the
+    results dict. One job runs them seed by seed (so a partial table already holds every variant);
+    several jobs run them in separate processes, the searches first (they are the longest runs)."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
         check_settings(cfg)
         plan = make_plan(cfg)
-        t0 = time.perf_counter()
+        pending = []
+        for seed in cfg.seeds:
+            for variant in cfg.variants:
+                if (run_dir(cfg, variant, seed) / "result.json").is_file():
+                    log(f"{variant} seed {seed}: finished before, skipped")
+                else:
+                    pending.append((variant, seed))
         log(f"ablation in {cfg.out_dir}: variants {', '.join(cfg.variants)} x seeds {list(cfg.seeds)}; "
             f"retrain {cfg.retrain_epochs} epoch(s) x {plan.retrain_steps_per_epoch} steps, search "
             f"{cfg.search_epochs} epoch(s) x {plan.search_steps_per_epoch} steps, α lr {plan.alpha_lr:.3g}, "
-            f"{torch.get_num_threads()} thread(s)")
-        for seed in cfg.seeds:
-            for variant in cfg.variants:
-                result_path = run_dir(cfg, variant, seed) / "result.json"
-                if result_path.is_file():
-                    log(f"{variant} seed {seed}: finished before, skipped")
-                    continue
+            f"{len(pending)} run(s) to go, {min(cfg.jobs, max(1, len(pending)))} at a time x "
+            f"{job_threads(cfg)} thread(s)")
+
+        def finished(variant: str, seed: int, result: Dict[str, Any]) -> None:
+            report.write_json(result, run_dir(cfg, variant, seed) / "result.json")
+            write_report(cfg, plan)
+
+        t0 = time.perf_counter()
+        if cfg.jobs == 1:
+            for variant, seed in pending:
                 log(f"--- {variant} seed {seed} ({time.perf_counter() - t0:.0f} s into this invocation)")
-                result = run(cfg, plan, variant, seed, log=log)
-                report.write_json(result, result_path)
-                write_report(cfg, plan)
+                finished(variant, seed, run(cfg, plan, variant, seed, log=log))
+        else:
+            if run is not run_one:
+                raise ValueError("a custom run function needs jobs=1 (it is not sent to other processes)")
+            for variant, seed, result in _in_processes(cfg, plan, start_order(cfg, pending), log):
+                log(f"--- {variant} seed {seed}: top-1 {result['top1']:.2f} % "
+                    f"({time.perf_counter() - t0:.0f} s into this invocation)")
+                finished(variant, seed, result)
         return write_report(cfg, plan, log=log)
     finally:
         torch.set_num_threads(threads)
+
+
+def start_order(cfg: AblationConfig, runs: List[Tuple[str, int]]) -> List[Tuple[str, int]]:
+    """Seed by seed with one job; with several, the PMPL runs (a search each: the longest) first, so
+    that no search starts while the other workers run out of work."""
+    return sorted(runs, key=lambda vs: vs[0] != "pmpl") if cfg.jobs > 1 else list(runs)
+
+
+def job_threads(cfg: AblationConfig) -> int:
+    """Threads per run: --threads, or torch's default shared among the jobs."""
+    return cfg.threads or max(1, torch.get_num_threads() // cfg.jobs)
+
+
+# Separate processes, not threads: each run is a training loop holding the GIL between kernels, and
+# the small network's steps scale poorly over intra-op threads: on 2 cores a retraining step takes
+# ≈0.42 s on 2 threads and ≈0.67 s on 1 thread beside a second run, a search step ≈1.2 and ≈1.6 s.
+# "spawn": a forked child of a process whose OpenMP pool has started can deadlock.
+def _start_job(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _job(cfg: AblationConfig, plan: Plan, variant: str, seed: int) -> Dict[str, Any]:
+    """One run in a worker process; its output goes to its own console.log, not the shared terminal."""
+    folder = run_dir(cfg, variant, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "console.log", "a", encoding="utf-8") as out, \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        return run_one(cfg, plan, variant, seed, log=lambda *a: print(*a, flush=True))
+
+
+def _in_processes(cfg: AblationConfig, plan: Plan, runs: List[Tuple[str, int]], log):
+    """Yields (variant, seed, result) as runs finish in ``cfg.jobs`` worker processes, in the order
+    given. After a run fails, nothing new starts; the runs under way finish and are yielded, then the
+    failure is raised (every finished run is kept, as with one job)."""
+    if not runs:
+        return
+    ctx = multiprocessing.get_context("spawn")
+    log(f"each run writes its output to {run_dir(cfg, '<variant>', 0).parent}/<variant>-seed<k>/console.log")
+    failure: Optional[BaseException] = None
+    with ProcessPoolExecutor(max_workers=min(cfg.jobs, len(runs)), mp_context=ctx, initializer=_start_job,
+                             initargs=(job_threads(cfg),)) as pool:
+        futures = {pool.submit(_job, cfg, plan, variant, seed): (variant, seed) for variant, seed in runs}
+        for future in as_completed(futures):
+            variant, seed = futures[future]
+            if future.cancelled():
+                continue
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, naming the run
+                if failure is None:
+                    failure = RuntimeError(f"{variant} seed {seed} failed: {exc} (its output: "
+                                           f"{run_dir(cfg, variant, seed) / 'console.log'})")
+                    failure.__cause__ = exc
+                    for other in futures:
+                        other.cancel()
+                continue
+            yield variant, seed, result
+    if failure is not None:
+        raise failure
 
 
 def budget_lines(cfg: AblationConfig, plan: Plan) -> List[str]:
@@ -372,10 +451,11 @@ def write_report(cfg: AblationConfig, plan: Plan, log=None) -> Dict[str, Any]:
     summary = report.summarize(runs, cfg.variants)
     labels = {k: v[0] for k, v in VARIANTS.items()}
     total_seconds = sum(r["retrain_seconds"] + ((r.get("search") or {}).get("seconds") or 0.0) for r in runs)
-    where = sorted({f"{r.get('cpu')}, {r.get('threads')} thread(s)" if r.get("device") == "cpu" else str(r.get("device"))
+    where = sorted({(f"{r.get('cpu')}, {r.get('threads')} thread(s)" if r.get("device") == "cpu" else
+                     str(r.get("device"))) + (f", {r['jobs']} runs at a time" if r.get("jobs", 1) > 1 else "")
                     for r in runs})
     lines = budget_lines(cfg, plan) + [
-        f"Compute: {total_seconds / 3600:.2f} h of training and search for the runs so far, on "
+        f"Compute: {total_seconds / 3600:.2f} h of training and search, summed over the runs so far, on "
         f"{'; '.join(where) or 'nothing yet'} (torch {torch.__version__}).",
         "Nothing was tuned on the test set: every setting above was fixed before the runs.",
     ]
@@ -460,19 +540,44 @@ def _time(step: Callable[[], None], steps: int) -> float:
 
 def estimate(cfg: AblationConfig, plan: Plan, step_seconds: Dict[str, float]) -> Dict[str, float]:
     """Projected hours for every run in ``cfg``: as measured, and with the search step at 2 × 1.3
-    plain steps (the fused CPU kernels' goal for a supernet pass)."""
-    n_seeds = len(cfg.seeds)
-    retrain = sum(step_seconds[v] for v in cfg.variants) * cfg.retrain_epochs * plan.retrain_steps_per_epoch * n_seeds
+    plain steps (the fused CPU kernels' goal for a supernet pass). ``hours_*`` add every run up;
+    ``wall_hours_*`` place the runs on ``cfg.jobs`` workers in the order :func:`run_ablation` starts
+    them (with step costs measured with that many runs at once)."""
     eval_share = 0.35 * (cfg.test_subset or 10_000) / cfg.batch_size  # a forward ≈ a third of a step
-    evals = sum(step_seconds[v] for v in cfg.variants) * eval_share * n_seeds
-    search = search_goal = 0.0
-    if "pmpl" in cfg.variants:
-        search = step_seconds["search"] * plan.search_steps * n_seeds
-        search_goal = 2 * 1.3 * step_seconds["none" if "none" in step_seconds else "pmpl"] * plan.search_steps * n_seeds
-    return {"hours_measured": (retrain + evals + search) / 3600,
-            "hours_at_goal": (retrain + evals + search_goal) / 3600,
-            "retrain_hours": retrain / 3600, "search_hours_measured": search / 3600,
-            "search_hours_at_goal": search_goal / 3600}
+    retrain_steps = cfg.retrain_epochs * plan.retrain_steps_per_epoch
+    search_step = {"measured": step_seconds.get("search", 0.0),
+                   "at_goal": 2 * 1.3 * step_seconds["none" if "none" in step_seconds else "pmpl"]}
+
+    def run_seconds(variant: str, search: str) -> float:
+        seconds = step_seconds[variant] * (retrain_steps + eval_share)
+        return seconds + (search_step[search] * plan.search_steps if variant == "pmpl" else 0.0)
+
+    order = start_order(cfg, [(v, s) for s in cfg.seeds for v in cfg.variants])
+    out: Dict[str, float] = {}
+    for search in ("measured", "at_goal"):
+        runs = [run_seconds(v, search) for v, _ in order]
+        out[f"hours_{search}"] = sum(runs) / 3600
+        out[f"wall_hours_{search}"] = list_schedule(runs, cfg.jobs) / 3600
+    n_seeds = len(cfg.seeds)
+    out["retrain_hours"] = sum(step_seconds[v] for v in cfg.variants) * retrain_steps * n_seeds / 3600
+    out["search_hours_measured"] = search_step["measured"] * plan.search_steps * n_seeds / 3600 \
+        if "pmpl" in cfg.variants else 0.0
+    out["search_hours_at_goal"] = search_step["at_goal"] * plan.search_steps * n_seeds / 3600 \
+        if "pmpl" in cfg.variants else 0.0
+    return out
+
+
+def list_schedule(durations: List[float], workers: int) -> float:
+    """When the last of ``durations`` ends if each starts, in order, on the first free worker."""
+    free = [0.0] * max(1, workers)
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += d
+    return max(free)
+
+
+def _measure_in_job(cfg: AblationConfig) -> Dict[str, float]:
+    return measure_step_seconds(cfg)
 
 
 def print_estimate(cfg: AblationConfig, log=print) -> Dict[str, Any]:
@@ -481,15 +586,23 @@ def print_estimate(cfg: AblationConfig, log=print) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     try:
         plan = make_plan(cfg)
-        steps = measure_step_seconds(cfg)
+        if cfg.jobs == 1:
+            steps = measure_step_seconds(cfg)
+        else:
+            # As the runs will be: cfg.jobs processes at once, sharing the cores and memory bandwidth.
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_start_job,
+                                     initargs=(job_threads(cfg),)) as pool:
+                each = list(pool.map(_measure_in_job, [cfg] * cfg.jobs))
+            steps = {k: sum(m[k] for m in each) / len(each) for k in each[0]}
         est = estimate(cfg, plan, steps)
-        log(f"step cost on this machine ({torch.get_num_threads()} thread(s), batch {cfg.batch_size}, width "
-            f"{cfg.width}): " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in steps.items()))
+        log(f"step cost on this machine ({cfg.jobs} run(s) at a time x {job_threads(cfg)} thread(s), batch "
+            f"{cfg.batch_size}, width {cfg.width}): " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in steps.items()))
         log(f"plan: {len(cfg.seeds)} seed(s) x {len(cfg.variants)} variant(s); retrain {cfg.retrain_epochs} x "
             f"{plan.retrain_steps_per_epoch} steps, search {plan.search_steps} steps (α lr {plan.alpha_lr:.3g})")
-        log(f"projected: {est['hours_measured']:.2f} h with the search step as measured; "
-            f"{est['hours_at_goal']:.2f} h with it at 2 x 1.3 plain steps "
-            f"(retraining {est['retrain_hours']:.2f} h of that)")
+        log(f"projected: {est['wall_hours_measured']:.2f} h with the search step as measured; "
+            f"{est['wall_hours_at_goal']:.2f} h with it at 2 x 1.3 plain steps "
+            f"(compute {est['hours_measured']:.2f} h, retraining {est['retrain_hours']:.2f} h of it)")
         return {"plan": dataclasses.asdict(plan), "step_seconds": steps, **est}
     finally:
         torch.set_num_threads(threads)
@@ -508,7 +621,7 @@ def add_subparser(sub) -> argparse.ArgumentParser:
                     "command again to continue.",
         epilog="examples:\n"
                "  python -m metapool_kernels.pmpl ablation --estimate          # step costs and projected hours\n"
-               "  python -m metapool_kernels.pmpl ablation --report bench/results/ablation   # the full table\n"
+               "  python -m metapool_kernels.pmpl ablation --jobs 2 --report bench/results/ablation   # the full table\n"
                "  python -m metapool_kernels.pmpl ablation --budget smoke --out runs/ablation-smoke\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=tuple(BUDGETS), default="full",
@@ -529,7 +642,11 @@ def add_subparser(sub) -> argparse.ArgumentParser:
     p.add_argument("--report", dest="report_dir", default=None,
                    help="where results.json, RESULTS.md and layer_choices.png go (default: --out)")
     p.add_argument("--device", default=None, help=f"(default {d.device})")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per run (default: torch's, divided among the jobs)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time, each in its own process (default 1; on 2 cores 2 jobs of 1 thread "
+                        "finish the table ≈1.4x sooner than 1 job of 2 threads)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--estimate", action="store_true", help="measure step costs, print the projected time, run nothing")
     return p
