@@ -206,6 +206,16 @@ def test_jobs_run_in_processes_with_the_results_of_one_job(tmp_path):
     assert "2 runs at a time" in (Path(cfg.out_dir) / "RESULTS.md").read_text()
     assert any("4 run(s) to go, 2 at a time x 1 thread(s)" in line for line in lines)
 
+    # The report counts each run's MACs again from its architecture, whatever the run stored.
+    from metapool_kernels.models import count_macs, mobilenet_v2
+
+    path = Path(cfg.out_dir) / "runs" / "pmpl-seed0" / "result.json"
+    stale = json.loads(path.read_text())
+    path.write_text(json.dumps({**stale, "macs": 1}))
+    again = {key(r): r for r in ablation.write_report(cfg, ablation.make_plan(cfg))["runs"]}
+    model = mobilenet_v2(stale["genotype"], width_mult=cfg.width, num_classes=10, in_chans=1, small_input=True)
+    assert again[("pmpl", 0)]["macs"] == count_macs(model, (1, 1, 28, 28)) > 1
+
 
 def test_a_failed_job_is_named_and_the_finished_runs_are_kept(tmp_path):
     cfg = tiny(tmp_path, variants=("none", "pmpl"), seeds=(0,), retrain_epochs=1, jobs=2)

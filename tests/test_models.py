@@ -292,6 +292,37 @@ def test_meta_pooling_parameter_count():
     assert count_params(mobilenet_v2(["skip"] * 11 + ["strip"] * 6)) == 3_902_137
 
 
+@pytest.mark.parametrize("candidates", [("strip",), ("skip", "avg3", "strip"), ("skip", "max3")])
+def test_flops_of_the_fused_op_are_the_reference_convs(candidates):
+    # The strip gate's pointwise convs run inside metapool::meta_pool; torch's flop counter must see
+    # them as it sees the reference's nn.Conv1d, forward and backward.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    totals = []
+    for backend in ("auto", "torch"):
+        torch.manual_seed(0)
+        layer = FusedMetaPooling(24, candidates=candidates, backend=backend).double()
+        x = torch.randn(3, 24, 9, 7, dtype=torch.float64, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            out = layer(x)
+            forward = counter.get_total_flops()
+            out.sum().backward()
+        totals.append((forward, counter.get_total_flops()))
+    assert totals[0] == totals[1]
+    expected = 2 * 3 * 24 * 24 * (9 + 7) if "strip" in candidates else 0
+    assert totals[0] == (expected, 3 * expected)
+
+
+def test_macs_of_a_derived_network_count_its_strip_gates():
+    kw = dict(width_mult=0.35, num_classes=10, in_chans=1, small_input=True)
+    plain = count_macs(mobilenet_v2("none", **kw), (1, 1, 28, 28))
+    strip = mobilenet_v2("strip", **kw)
+    fused = count_macs(strip, (1, 1, 28, 28))
+    for layer in meta_layers(strip):
+        layer.backend = "torch"
+    assert fused == count_macs(strip, (1, 1, 28, 28)) > plain
+
+
 def test_macs_of_plain_mobilenet_v2():
     model = mobilenet_v2("none")
     flops = count_flops(model)

@@ -19,11 +19,13 @@ fake kernels and the autograd formula.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from typing import Optional, Sequence, Tuple
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import _extension  # loads the C++ ops and their CPU kernels
 from ..reference import check_candidates, check_input, check_same_device, compute_dtype
@@ -126,6 +128,32 @@ def _meta_pool_backward_fake(grad, x, pi, gate_h_weight, gate_h_bias, gate_w_wei
              for t in (gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias)]
     grad_pi = torch.empty_like(pi) if pi is not None else x.new_empty(0, dtype=compute_dtype(x.dtype))
     return (torch.empty_like(x, memory_format=output_format(x)), grad_pi, *gates)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flops for torch.utils.flop_counter (count_macs, the ablation's and the demo's MAC columns).
+# The kernels run the strip gate's pointwise convs inside the op, out of the counter's sight; they
+# are counted as torch counts the reference's nn.Conv1d: 2 flops a multiply-add, no bias, and the
+# backward twice the forward (grad input + grad weight). Pooling, as in torch's counter, is free.
+# ---------------------------------------------------------------------------------------------
+def _gate_flops(x_shape, gate_h_weight_shape, gate_w_weight_shape, candidates) -> int:
+    if "strip" not in _names(candidates) or gate_h_weight_shape is None or gate_w_weight_shape is None:
+        return 0
+    n, _, h, w = x_shape
+    return 2 * n * (math.prod(gate_h_weight_shape) * h + math.prod(gate_w_weight_shape) * w)
+
+
+@register_flop_formula(torch.ops.metapool.meta_pool)
+def _meta_pool_flops(x_shape, pi_shape, gate_h_weight_shape, gate_h_bias_shape, gate_w_weight_shape,
+                     gate_w_bias_shape, candidates, **kwargs) -> int:
+    return _gate_flops(x_shape, gate_h_weight_shape, gate_w_weight_shape, candidates)
+
+
+@register_flop_formula(torch.ops.metapool.meta_pool_backward)
+def _meta_pool_backward_flops(grad_shape, x_shape, pi_shape, gate_h_weight_shape, gate_h_bias_shape,
+                              gate_w_weight_shape, gate_w_bias_shape, z_h_shape, z_w_shape, candidates,
+                              **kwargs) -> int:
+    return 2 * _gate_flops(x_shape, gate_h_weight_shape, gate_w_weight_shape, candidates)
 
 
 # ---------------------------------------------------------------------------------------------

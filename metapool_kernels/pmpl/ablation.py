@@ -446,8 +446,24 @@ def budget_lines(cfg: AblationConfig, plan: Plan) -> List[str]:
     ]
 
 
+def recount_macs(cfg: AblationConfig, runs: List[Dict[str, Any]]) -> None:
+    """Each run's MACs, counted again from its architecture with the current counter (a run stores
+    what the counter said when it finished; kernels that hide work from it would leave stale numbers).
+    The rebuilt network must have the run's parameter count, or the run is left as it is."""
+    from ..models import count_macs, count_params, mobilenet_v2
+
+    for r in runs:
+        enhancer = _FIXED_ENHANCER.get(r["variant"]) or r.get("genotype")
+        if not enhancer:
+            continue
+        model = mobilenet_v2(enhancer, width_mult=cfg.width, num_classes=10, in_chans=1, small_input=True)
+        if count_params(model) == r.get("params"):
+            r["macs"] = count_macs(model, (1, 1, 28, 28))
+
+
 def write_report(cfg: AblationConfig, plan: Plan, log=None) -> Dict[str, Any]:
     runs = finished_runs(cfg)
+    recount_macs(cfg, runs)
     summary = report.summarize(runs, cfg.variants)
     labels = {k: v[0] for k, v in VARIANTS.items()}
     total_seconds = sum(r["retrain_seconds"] + ((r.get("search") or {}).get("seconds") or 0.0) for r in runs)
