@@ -662,7 +662,7 @@ def add_subparser(sub) -> argparse.ArgumentParser:
                    help="torch CPU threads per run (default: torch's, divided among the jobs)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at a time, each in its own process (default 1; on 2 cores 2 jobs of 1 thread "
-                        "finish the table ≈1.4x sooner than 1 job of 2 threads)")
+                        "finish the table ≈1.3x sooner than 1 job of 2 threads)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--estimate", action="store_true", help="measure step costs, print the projected time, run nothing")
     return p
