@@ -378,6 +378,11 @@ def _start_job(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _job_pool(cfg: AblationConfig, workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_job, initargs=(job_threads(cfg),))
+
+
 def _job(cfg: AblationConfig, plan: Plan, variant: str, seed: int) -> Dict[str, Any]:
     """One run in a worker process; its output goes to its own console.log, not the shared terminal."""
     folder = run_dir(cfg, variant, seed)
@@ -393,11 +398,9 @@ def _in_processes(cfg: AblationConfig, plan: Plan, runs: List[Tuple[str, int]], 
     failure is raised (every finished run is kept, as with one job)."""
     if not runs:
         return
-    ctx = multiprocessing.get_context("spawn")
     log(f"each run writes its output to {run_dir(cfg, '<variant>', 0).parent}/<variant>-seed<k>/console.log")
     failure: Optional[BaseException] = None
-    with ProcessPoolExecutor(max_workers=min(cfg.jobs, len(runs)), mp_context=ctx, initializer=_start_job,
-                             initargs=(job_threads(cfg),)) as pool:
+    with _job_pool(cfg, min(cfg.jobs, len(runs))) as pool:
         futures = {pool.submit(_job, cfg, plan, variant, seed): (variant, seed) for variant, seed in runs}
         for future in as_completed(futures):
             variant, seed = futures[future]
@@ -592,10 +595,6 @@ def list_schedule(durations: List[float], workers: int) -> float:
     return max(free)
 
 
-def _measure_in_job(cfg: AblationConfig) -> Dict[str, float]:
-    return measure_step_seconds(cfg)
-
-
 def print_estimate(cfg: AblationConfig, log=print) -> Dict[str, Any]:
     threads = torch.get_num_threads()
     if cfg.threads:
@@ -606,10 +605,8 @@ def print_estimate(cfg: AblationConfig, log=print) -> Dict[str, Any]:
             steps = measure_step_seconds(cfg)
         else:
             # As the runs will be: cfg.jobs processes at once, sharing the cores and memory bandwidth.
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_start_job,
-                                     initargs=(job_threads(cfg),)) as pool:
-                each = list(pool.map(_measure_in_job, [cfg] * cfg.jobs))
+            with _job_pool(cfg, cfg.jobs) as pool:
+                each = list(pool.map(measure_step_seconds, [cfg] * cfg.jobs))
             steps = {k: sum(m[k] for m in each) / len(each) for k in each[0]}
         est = estimate(cfg, plan, steps)
         log(f"step cost on this machine ({cfg.jobs} run(s) at a time x {job_threads(cfg)} thread(s), batch "
