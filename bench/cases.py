@@ -211,7 +211,7 @@ def run_op_case(case: OpCase, device: str, timing: TimingConfig, copy_gbps: Opti
         expected = ref(xs[0])
 
     variants: List[Tuple[str, str, Any]] = [
-        ("fused", f"FusedMetaPooling(backend={fused_backend!r} -> {resolve_backend(fused_backend, xs[0])!r})", fused),
+        ("fused", f"FusedMetaPooling(backend={fused_backend!r} -> {resolve_backend(fused_backend)!r})", fused),
         ("eager", "MetaPooling (pure-PyTorch reference)", ref),
     ]
     if case.compile:

@@ -195,12 +195,37 @@ def test_backend_dispatch_on_cpu(backend, uses_op):
 
 
 def test_env_selects_torch_backend(monkeypatch):
-    ref, fused = make_pair(3, backend="auto", seed=6)
     monkeypatch.setenv("METAPOOL_BACKEND", " Torch ")
+    ref, fused = make_pair(3, backend="auto", seed=6)
     x = randn((1, 3, 4, 4), 60)
     out, rec = run_recorded(fused, x)
     assert_rel_close(out, ref(x), TOL[torch.float32], "METAPOOL_BACKEND=torch")
     assert rec.calls == []
+
+
+def test_env_is_read_when_built_not_per_call(monkeypatch):
+    """The environment is read when the layer is built (no lookups on the per-call path): a
+    METAPOOL_BACKEND set afterwards changes nothing until ``backend`` is assigned again."""
+    _, fused = make_pair(3, backend="auto", seed=6)
+    monkeypatch.setenv("METAPOOL_BACKEND", "torch")
+    _, rec = run_recorded(fused, randn((1, 3, 4, 4), 62))
+    assert rec.names() == ["metapool::meta_pool", "metapool::meta_pool_backward"], rec.names()
+    fused.backend = "auto"
+    _, rec = run_recorded(fused, randn((1, 3, 4, 4), 63))
+    assert rec.calls == [], rec.names()
+
+
+def test_validation_cache_still_rejects_new_inputs():
+    """Validation runs once per (shape, dtype, device): a good call must not let a later bad one through."""
+    fused = FusedMetaPooling(3)
+    fused(randn((1, 3, 4, 4), 64))
+    with pytest.raises(ValueError, match="channels"):
+        fused(randn((1, 5, 4, 4), 65))
+    with pytest.raises(TypeError, match="floating-point"):
+        fused(torch.ones(1, 3, 4, 4, dtype=torch.int64))
+    fused(randn((2, 3, 5, 5), 66))
+    with pytest.raises(ValueError, match="4-D"):
+        fused(randn((3, 4, 4), 67))
 
 
 @pytest.mark.parametrize("env", ["auto", "triton"])
@@ -281,9 +306,8 @@ def test_bad_backend_name(backend):
 @pytest.mark.parametrize("value", ["bogus", "gpu", "cuda", "cpu"])
 def test_bad_env_backend(value, monkeypatch):
     monkeypatch.setenv("METAPOOL_BACKEND", value)
-    fused = FusedMetaPooling(3)
     with pytest.raises(ValueError, match="METAPOOL_BACKEND"):
-        fused(randn((1, 3, 4, 4), 90))
+        FusedMetaPooling(3)
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):

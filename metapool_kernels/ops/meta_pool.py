@@ -19,6 +19,7 @@ fake kernels and the autograd formula.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -230,6 +231,12 @@ def mix(x: torch.Tensor, pi: Optional[torch.Tensor], names: Tuple[str, ...], gat
         return x  # a fixed skip layer computes nothing
     if "strip" not in names:
         gates = (None, None, None, None)
-    out, _, _ = torch.ops.metapool.meta_pool(x, pi, *gates, ",".join(names))
+    out, _, _ = torch.ops.metapool.meta_pool(x, pi, *gates, _candidates_arg(names))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates_arg(names: Tuple[str, ...]) -> str:
+    # The op's string argument, built once per candidate set rather than on every call.
+    return ",".join(names)
 
