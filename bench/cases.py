@@ -618,22 +618,29 @@ def deploy_setting(scope: str) -> DeploySetting:
     return DeploySetting((1,), 32) if scope == "smoke" else DeploySetting((1, 32), 224)
 
 
+DEPLOY_NETWORKS: Tuple[str, ...] = ("plain", "derived")
+
+
 def run_deploy_case(runtime: str, genotype: Sequence[str], setting: DeploySetting, timing: TimingConfig,
-                    work_dir, *, compile_backend: str = "inductor") -> List[Dict[str, Any]]:
-    """Inference latency of the derived MobileNetV2-1.0 (ImageNet head, float32) on the host CPU
-    under one runtime, at each batch; ONNX Runtime gets torch's thread count. Each row records
+                    work_dir, *, network: str = "derived", compile_backend: str = "inductor") -> List[Dict[str, Any]]:
+    """Inference latency of MobileNetV2-1.0 (ImageNet head, float32), derived or plain, on the host
+    CPU under one runtime, at each batch; ONNX Runtime gets torch's thread count. The plain network
+    in the same runtime is what the derived one's overhead is read against. Each row records
     ‖logits − eager logits‖ / ‖eager logits‖, so a fast but wrong runtime shows."""
     from pathlib import Path
 
     from metapool_kernels.export import to_onnx
     from metapool_kernels.models import count_params
 
+    if network not in DEPLOY_NETWORKS:
+        raise ValueError(f"network must be one of {DEPLOY_NETWORKS}, got {network!r}")
     label = dict(DEPLOY_RUNTIMES)[runtime]
-    variant = ModelVariant("derived-fused", "Meta-Pooling derived, fused", tuple(genotype), True, 1)
+    variant = (ModelVariant("derived-fused", "Meta-Pooling derived, fused", tuple(genotype), True, 1)
+               if network == "derived" else ModelVariant("skip", "Skip (plain MobileNetV2)", "none", True, 1))
     model = build_model(variant).eval()
     threads = torch.get_num_threads()
     base = {"suite": "deploy", "device": "cpu", "device_name": device_name("cpu"), "runtime": runtime, "label": label,
-            "genotype": list(genotype), "params": count_params(model), "dtype": "float32",
+            "network": network, "genotype": list(genotype) if network == "derived" else [], "params": count_params(model), "dtype": "float32",
             "resolution": setting.resolution, "threads": threads}
     rows, errors = [], []
     try:
@@ -645,7 +652,7 @@ def run_deploy_case(runtime: str, genotype: Sequence[str], setting: DeploySettin
         if runtime == "onnxruntime":
             import onnxruntime
             t0 = time.perf_counter()
-            path = to_onnx(model, xs[setting.batches[0]], Path(work_dir) / "derived.onnx")
+            path = to_onnx(model, xs[setting.batches[0]], Path(work_dir) / f"{network}.onnx")
             base.update(export_s=time.perf_counter() - t0, onnxruntime=onnxruntime.__version__,
                         memory_format="contiguous (ONNX)")
             options = onnxruntime.SessionOptions()

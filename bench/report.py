@@ -127,7 +127,7 @@ def row_key(r: Dict[str, Any]) -> Tuple:
     if s == "train":
         return (s, r.get("variant"), r.get("batch"), r.get("resolution"), r.get("memory_format"))
     if s == "deploy":
-        return (s, r.get("runtime"), r.get("batch"), r.get("resolution"))
+        return (s, r.get("network", "derived"), r.get("runtime"), r.get("batch"), r.get("resolution"))
     return (s, r.get("case"), r.get("error"))
 
 
@@ -627,32 +627,43 @@ def strip_gate_section(d: Device) -> str:
 
 
 def deploy_section(d: Device) -> str:
-    """ONNX Runtime vs PyTorch eager vs torch.compile for the exported derived network, per batch."""
+    """ONNX Runtime vs PyTorch eager vs torch.compile for the exported networks, per batch, and the
+    derived network's cost over the plain one in the same runtime."""
     rows = d.suite("deploy")
     if not rows:
         return ""
     order = {"eager": 0, "compile": 1, "onnxruntime": 2}
-    eager = {(r["batch"], r["resolution"]): r for r in rows if r["runtime"] == "eager"}
+    net_order = {"plain": 0, "derived": 1}
+    network = lambda r: r.get("network", "derived")  # noqa: E731  (rows before the plain network was timed)
+    eager = {(network(r), r["batch"], r["resolution"]): r for r in rows if r["runtime"] == "eager"}
+    plain = {(r["runtime"], r["batch"], r["resolution"]): r for r in rows if network(r) == "plain"}
     body = []
-    for r in sorted(rows, key=lambda r: (r["resolution"], r["batch"], order.get(r["runtime"], 9))):
-        base = eager.get((r["batch"], r["resolution"]), {})
+    for r in sorted(rows, key=lambda r: (r["resolution"], r["batch"], order.get(r["runtime"], 9),
+                                         net_order.get(network(r), 9))):
+        base = eager.get((network(r), r["batch"], r["resolution"]), {})
+        over_plain = "" if network(r) == "plain" else times(ratio(
+            r.get("median_ms"), plain.get((r["runtime"], r["batch"], r["resolution"]), {}).get("median_ms")))
         first = r.get("export_s") if r["runtime"] == "onnxruntime" else r.get("first_call_s")
-        body.append([r["label"], r["batch"], r["resolution"], r.get("memory_format", ""), num(r.get("median_ms")),
-                     f"{num(r.get('p20_ms'))}–{num(r.get('p80_ms'))}", num(r.get("images_per_s")),
-                     times(ratio(base.get("median_ms"), r.get("median_ms"))), num(first),
+        body.append([r["label"], network(r), r["batch"], r["resolution"], r.get("memory_format", ""),
+                     num(r.get("median_ms")), f"{num(r.get('p20_ms'))}–{num(r.get('p80_ms'))}",
+                     num(r.get("images_per_s")), times(ratio(base.get("median_ms"), r.get("median_ms"))),
+                     over_plain, num(first),
                      "" if r.get("rel_err_vs_eager") is None else f"{r['rel_err_vs_eager']:.1e}"])
-    head = ["runtime", "batch", "px", "layout", "median ms", "p20–p80", "images/s", "× eager", "first s",
-            "rel. err vs eager"]
-    genotypes = {" ".join(r["genotype"]) for r in rows}
+    head = ["runtime", "network", "batch", "px", "layout", "median ms", "p20–p80", "images/s", "× eager",
+            "derived / plain", "first s", "rel. err vs eager"]
+    genotypes = {" ".join(r["genotype"]) for r in rows if network(r) == "derived"}
     threads = sorted({str(r.get("threads")) for r in rows})
     versions = sorted({r["onnxruntime"] for r in rows if r.get("onnxruntime")})
-    note = (f"Derived MobileNetV2-1.0 (1000 classes, float32) with genotype `{' | '.join(sorted(genotypes))}`, "
+    note = (f"MobileNetV2-1.0 (1000 classes, float32), plain and derived with genotype "
+            f"`{' | '.join(sorted(genotypes))}`, "
             f"{', '.join(threads)} thread(s) for every runtime (ONNX Runtime {', '.join(versions) or '?'}: "
             "intra-op threads = torch's). The ONNX file comes from `metapool_kernels.export.to_onnx` (standard ops, "
-            "dynamic batch) and is run with the CPUExecutionProvider at its default graph optimisations. "
+            "each k×k window as a 1×k and a k×1 pool, dynamic batch) and is run with the CPUExecutionProvider at "
+            "its default graph optimisations. `× eager`: against the same network in eager PyTorch; "
+            "`derived / plain`: the derived network's median over the plain network's in the same runtime. "
             "`first s`: the export for ONNX Runtime, the first (compiling) call for torch.compile. "
             "`rel. err vs eager`: ‖logits − eager's‖ / ‖eager's‖ on the timed input.")
-    return table(head, body, "lrrlrrrrrr") + "\n\n" + note
+    return table(head, body, "llrrlrrrrrrr") + "\n\n" + note
 
 
 def errors_section(d: Device) -> str:

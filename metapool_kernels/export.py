@@ -2,8 +2,8 @@
 
 A Meta-Pooling layer runs through the package's ops ``metapool::meta_pool`` and
 ``metapool::strip_gate``, which no runtime outside this package knows. This module gives each op a
-decomposition into ATen ops, written with the reference functions (reference.py, the contract),
-and registers it in ``torch._decomp``'s decomposition table. That table is where the standard
+decomposition into ATen ops, written with the reference functions (reference.py, the contract)
+except that each k×k window is two separable passes (``separable_local_op``), and registers it in ``torch._decomp``'s decomposition table. That table is where the standard
 exporters look:
 
 - ``torch.onnx.export(model, (x,), path, dynamo=True)`` decomposes every op found there before
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from . import _extension  # defines the metapool ops
 from .ops.strip_gate import output_format
-from .reference import compute_dtype, local_op, strip_gate, strip_means
+from .reference import compute_dtype, kernel_size, strip_gate, strip_means
 
 __all__ = ["decomposition_table", "register", "to_onnx", "onnx_op_types"]
 
@@ -60,6 +60,25 @@ def strip_gate_decomposition(x: torch.Tensor, g_h: torch.Tensor, g_w: torch.Tens
     if base is not None:
         out = base.to(x.dtype).to(acc) + out
     return out.to(x.dtype).contiguous(memory_format=output_format(x))
+
+
+def separable_local_op(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A k×k local candidate as a 1×k pass then a k×1 pass: 2k instead of k² work in any runtime.
+
+    The max is exactly the k×k max (max is associative, the padding is -inf, NaN propagates through
+    both passes). The average is the k×k one up to rounding: with count_include_pad=False the window
+    count at (h, w) is count_h(h) · count_w(w), and the row pass's count_w(w) is the same for every
+    row the column pass adds, so mean_h(mean_w(x)) = Σ x / (count_h · count_w).
+    """
+    if name == "skip":
+        return x
+    k = kernel_size(name)
+    r = k // 2
+    if name.startswith("max"):
+        rows = F.max_pool2d(x, (1, k), stride=1, padding=(0, r))
+        return F.max_pool2d(rows, (k, 1), stride=1, padding=(r, 0))
+    rows = F.avg_pool2d(x, (1, k), stride=1, padding=(0, r), count_include_pad=False)
+    return F.avg_pool2d(rows, (k, 1), stride=1, padding=(r, 0), count_include_pad=False)
 
 
 def meta_pool_output_format(x: torch.Tensor) -> torch.memory_format:
@@ -87,7 +106,7 @@ def meta_pool_decomposition(x: torch.Tensor, pi: Optional[torch.Tensor],
                               _gate_logits(z_w, gate_w_weight, gate_w_bias))
         else:
             # A fixed 'skip' would otherwise return x itself: an op's output never aliases its input.
-            term = local_op(name, xc) if name != "skip" or pi is not None else xc.clone()
+            term = separable_local_op(name, xc) if name != "skip" or pi is not None else xc.clone()
         if pi is not None:
             term = pi[k].to(acc) * term
         out = term if out is None else out + term

@@ -19,8 +19,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import metapool_kernels.ops.meta_pool  # noqa: F401  (defines metapool::meta_pool)
 from metapool_kernels import PAPER_CANDIDATES, FusedMetaPooling, MetaPooling
 from metapool_kernels.export import (decomposition_table, meta_pool_decomposition, onnx_op_types,
-                                     strip_gate_decomposition, to_onnx)
+                                     separable_local_op, strip_gate_decomposition, to_onnx)
 from metapool_kernels.models import mobilenet_v2
+from metapool_kernels.reference import local_op
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -349,3 +350,43 @@ def test_cli_export_help(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--checkpoint" in out and "--out" in out and "ONNX Runtime" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Separable windows.
+# ---------------------------------------------------------------------------------------------
+LOCAL_OPS = [op for op in PAPER_CANDIDATES if op not in ("skip", "strip")]
+
+
+@pytest.mark.parametrize("op", LOCAL_OPS)
+def test_separable_local_op_equals_the_square_window(op):
+    g = torch.Generator().manual_seed(7)
+    # Odd sizes smaller than the window (borders meet), repeated values (ties), a NaN and ±inf.
+    x = torch.randint(-3, 4, (2, 3, 5, 9), generator=g).double() + torch.rand(2, 3, 5, 9, generator=g,
+                                                                                dtype=torch.float64)
+    x[0, 0, 2, 4] = float("nan")
+    x[1, 2, 0, 0], x[1, 1, 4, 8] = float("inf"), float("-inf")
+    ref = local_op(op, x)
+    out = separable_local_op(op, x)
+    if op.startswith("max"):
+        assert torch.equal(out.isnan(), ref.isnan()), f"{op}: NaN positions differ"
+        assert torch.equal(out.nan_to_num(), ref.nan_to_num()), f"{op}: the separable max is not exact"
+    else:
+        finite = ref.isfinite()
+        assert torch.equal(finite, out.isfinite()), f"{op}: non-finite positions differ"
+        torch.testing.assert_close(out[finite], ref[finite], rtol=1e-14, atol=1e-14)
+        xf = torch.randn(2, 4, 7, 7, generator=g)
+        torch.testing.assert_close(separable_local_op(op, xf), local_op(op, xf), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", LOCAL_OPS)
+def test_onnx_graph_holds_separable_windows(op, tmp_path):
+    k = int(op[3:])
+    proto = onnx.load(str(to_onnx(fixed_layer(op), inputs((1, 6, 9, 9)), tmp_path / f"{op}.onnx")))
+    pools = [n for n in proto.graph.node if n.op_type in ("MaxPool", "AveragePool")]
+    shapes = sorted(tuple(a.ints) for n in pools for a in n.attribute if a.name == "kernel_shape")
+    assert shapes == sorted([(1, k), (k, 1)]), f"{op}: pooling windows {shapes}, expected a 1x{k} and a {k}x1 pass"
+    x = inputs((3, 6, 9, 9), seed=5)
+    if op.startswith("max"):
+        out = run_onnx(tmp_path / f"{op}.onnx", x)
+        assert torch.equal(out, local_op(op, x)), f"{op}: ONNX Runtime's separable max is not exact"
