@@ -108,6 +108,14 @@ def cpu_vector_flags():
     return []
 
 
+def openmp_link_args():
+    """Link the OpenMP runtime torch itself loads, so that both share one thread pool and
+    torch.set_num_threads governs this library's loops too; the compiler's own libgomp otherwise."""
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    own = sorted(glob.glob(os.path.join(torch_lib, "libgomp*.so*")))
+    return [own[0]] if own else ["-fopenmp"]
+
+
 def extension():
     # The build information goes into a generated header that metapool.cpp alone includes, so an
     # edit to one kernel recompiles that kernel and metapool.cpp, not every file.
@@ -121,7 +129,13 @@ def extension():
             f.write(info)
     defines = []
     sources = [os.path.join("csrc", "metapool.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3"] + cpu_vector_flags()  # the C++ standard is the one torch.utils.cpp_extension picks
+    # -fopenmp: ATen's at::parallel_for is an inline template, so it runs on the threads of torch's
+    # OpenMP pool only if this library is compiled with OpenMP; without it every loop is serial.
+    # -Wno-unknown-pragmas: torch's vector headers carry other compilers' `#pragma unroll`.
+    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"] + cpu_vector_flags()  # the C++ standard is torch.utils.cpp_extension's
+    if os.environ.get("METAPOOL_WERROR", "0") == "1":
+        cxx.append("-Werror")
+    link = openmp_link_args()
     if CUDA_HOME:
         print(f"metapool_kernels: building CUDA kernels with {CUDA_HOME}/bin/nvcc "
               f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -131,11 +145,12 @@ def extension():
             define_macros=defines + [("METAPOOL_WITH_CUDA", None)],
             include_dirs=[info_dir],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+            extra_link_args=link,
         )
     reason = "METAPOOL_NO_CUDA is set" if not want_cuda() else "no CUDA toolkit found"
     print(f"metapool_kernels: building CPU kernels only ({reason})")
     return CppExtension("metapool_kernels._C", sources, define_macros=defines, include_dirs=[info_dir],
-                        extra_compile_args={"cxx": cxx})
+                        extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

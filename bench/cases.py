@@ -445,8 +445,11 @@ def build_model(variant: ModelVariant, num_classes: int = 1000, small_input: boo
 
 
 def _fused_backend_of(device: str) -> str:
-    probe = torch.empty(0, device=device)
-    return resolve_backend("auto", probe)
+    # "auto" runs the C++ kernels on the CPU and Triton on CUDA (see FusedMetaPooling.forward).
+    route = resolve_backend("auto")
+    if route == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "cpp"
+    return route
 
 
 def model_inference_fn(model, variant: ModelVariant, s: ModelSetting, device: str,

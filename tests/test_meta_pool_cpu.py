@@ -397,31 +397,57 @@ def test_nan_in_search_mode():
 # --------------------------------------------------------------------------------------------
 # Determinism across thread counts
 # --------------------------------------------------------------------------------------------
-def run_with_threads(threads, shape, layout, candidates):
+def run_with_threads(threads, shape, layout, candidates, fixed=None):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x = view_of(randn(shape, 20), layout).requires_grad_()
         params = make_params(shape[1], candidates, 21, torch.float32)
-        out = call_op(x, params, candidates)
-        grads = grads_of(out, [x] + list(params.values()), view_of(randn(shape, 22), layout))
+        out = call_op(x, params, candidates, fixed)
+        used = [x] + [p for k, p in params.items() if fixed is None or (fixed == "strip" and k != "alpha")]
+        grads = grads_of(out, used, view_of(randn(shape, 22), layout))
         return [out.detach()] + list(grads)
     finally:
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [2, 4])
+def test_extension_runs_parallel_for_on_several_threads(threads):
+    # at::parallel_for is inlined into the extension: without OpenMP in its build it runs every
+    # task on the calling thread, whatever torch.get_num_threads() says.
+    from metapool_kernels._extension import C
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert C.parallel_threads(1) == 1
+        assert C.parallel_threads(64) == threads
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("fixed", [None, "max7", "avg3", "strip"], ids=lambda m: m or "search")
 @pytest.mark.parametrize("layout,shape", [
     ("contiguous", (2, 24, 36, 33)),  # one item per plane: 48 items
     ("contiguous", (3, 40, 20, 12)),  # packed rows, several channel blocks
     ("contiguous", (1, 2, 112, 112)),  # row chunks
+    ("contiguous", (8, 16, 28, 28)),  # a batch of 8: the gate GEMMs split over N·S rows
     ("channels_last", (1, 64, 70, 40)),  # channel blocks × row chunks
     ("channels_last", (4, 20, 9, 56)),
+    ("channels_last", (8, 24, 14, 14)),
+    ("channels_last", (1, 320, 7, 7)),  # a derived network's last layer at batch 1
 ], ids=lambda v: v if isinstance(v, str) else shape_id(v))
-def test_bitwise_deterministic_across_threads(layout, shape):
-    one = run_with_threads(1, shape, layout, PAPER_CANDIDATES)
-    two = run_with_threads(2, shape, layout, PAPER_CANDIDATES)
-    for name, a, b in zip(["out", "grad x", "grad alpha"] + [f"grad {k}" for k in GATE_KEYS], one, two):
-        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads (max |diff| {(a - b).abs().max().item():.3e})"
+def test_bitwise_deterministic_across_threads(layout, shape, fixed):
+    """Work is cut into items by shape alone and every sum runs in a fixed order inside an item,
+    so 1, 2 and 4 threads give the same bits, forward and backward."""
+    one = run_with_threads(1, shape, layout, PAPER_CANDIDATES, fixed)
+    names = ["out", "grad x"] + ([] if fixed not in (None, "strip") else
+                                 (["grad alpha"] if fixed is None else []) + [f"grad {k}" for k in GATE_KEYS])
+    for threads in (2, 4):
+        other = run_with_threads(threads, shape, layout, PAPER_CANDIDATES, fixed)
+        assert len(other) == len(one) == len(names)
+        for name, a, b in zip(names, one, other):
+            assert torch.equal(a, b), (f"{name} differs between 1 and {threads} threads "
+                                       f"(max |diff| {(a - b).abs().max().item():.3e})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -146,6 +146,14 @@ struct Layout {
     const bool pack = cl || W < kPackBelowW;
     // A block of channels is a whole number of vectors (8 float32), so its columns copy in whole vectors.
     lanes = pack ? std::min<int64_t>(C, std::max<int64_t>(8, kRowTarget / std::max<int64_t>(W, 1) / 8 * 8)) : 1;
+    // Few images (batch 1 in a deployed network): narrower channel blocks before any row split.
+    // Channels are independent, so this costs no halo and changes no sum; a channels_last block
+    // keeps at least a cache line of float32 so that no two items share one.
+    const int64_t few = kItemTarget / 4;
+    if (pack && N * ((C + lanes - 1) / lanes) < few) {
+      const int64_t per_image = (few + N - 1) / N, narrowest = cl ? 16 : 8;
+      lanes = std::min(lanes, std::max<int64_t>(narrowest, ((C + per_image - 1) / per_image + 7) / 8 * 8));
+    }
     cblocks = (C + lanes - 1) / lanes;
     const int64_t groups = N * cblocks;
     chunks = 1;
@@ -654,39 +662,34 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
           if (Rm > 0) {
             std::memcpy(xn, xt, L * sizeof(acc_t));
             const acc_t* xp = xn;
-            for (int r = 1; r <= Rm; ++r) {
-              if (!hmax[r].stride) continue;
-              acc_t* hm = hmax[r].row(t);
-              acc_t* ha = harg[r].row(t);
-              const acc_t* first = cols.first[r];
-              const acc_t* col = cols.col;
-              // First maximum of each window in column order, or its last NaN (max_pool2d's
-              // scan: update when v > best or v is NaN). Windows nest: the scan of radius r is
-              // column j - r, then the window of radius r - 1 as one element, then column j + r.
-              const int64_t lanes = it.clen;
-              vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
-                const Vec c = load(col + f, n);
-                Vec best(-kInf), arg = c;
-                auto scan = [&](const Vec& v, const Vec& at) {
-                  const Vec upd = (v > best) | v.isnan();
-                  best = Vec::blendv(best, v, upd);
-                  arg = Vec::blendv(arg, at, upd);
-                };
-                for (int r = 1; r <= Rm; ++r) {
-                  const Vec inner = best, inner_arg = arg;
-                  best = Vec(-kInf);
-                  arg = load(cols.first[r] + f, n);
-                  scan(load(xp + f - r * lanes, n), c - Vec(static_cast<acc_t>(r)));
-                  if (r == 1) scan(load(xp + f, n), c);
-                  else scan(inner, inner_arg);
-                  scan(load(xp + f + r * lanes, n), c + Vec(static_cast<acc_t>(r)));
-                  if (hmax[r].stride) {
-                    store(hmax[r].row(t) + f, best, n);
-                    store(harg[r].row(t) + f, arg, n);
-                  }
+            const acc_t* col = cols.col;
+            // First maximum of each window in column order, or its last NaN (max_pool2d's
+            // scan: update when v > best or v is NaN). Windows nest: the scan of radius r is
+            // column j - r, then the window of radius r - 1 as one element, then column j + r,
+            // so one pass gives every radius.
+            const int64_t lanes = it.clen;
+            vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
+              const Vec c = load(col + f, n);
+              Vec best(-kInf), arg = c;
+              auto scan = [&](const Vec& v, const Vec& at) {
+                const Vec upd = (v > best) | v.isnan();
+                best = Vec::blendv(best, v, upd);
+                arg = Vec::blendv(arg, at, upd);
+              };
+              for (int r = 1; r <= Rm; ++r) {
+                const Vec inner = best, inner_arg = arg;
+                best = Vec(-kInf);
+                arg = load(cols.first[r] + f, n);
+                scan(load(xp + f - r * lanes, n), c - Vec(static_cast<acc_t>(r)));
+                if (r == 1) scan(load(xp + f, n), c);
+                else scan(inner, inner_arg);
+                scan(load(xp + f + r * lanes, n), c + Vec(static_cast<acc_t>(r)));
+                if (hmax[r].stride) {
+                  store(hmax[r].row(t) + f, best, n);
+                  store(harg[r].row(t) + f, arg, n);
                 }
-              });
-            }
+              }
+            });
           }
           for (int r = 1; r <= Ra; ++r) {
             if (!hb[r].stride) continue;
@@ -825,18 +828,114 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
 // ---------------------------------------------------------------------------------------------
 // The ops.
 // ---------------------------------------------------------------------------------------------
-// The gate σ(W z + b) of a strip mean z (N, C, S), W z + b being a pointwise Conv1d; the bias and
-// the sigmoid in one pass over the GEMM's output.
-at::Tensor strip_gate_values(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias) {
-  const int64_t C = weight.size(0), S = z.size(2), NC = z.size(0) * C;
-  at::Tensor g = at::matmul(weight.view({C, C}), z);
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "meta_pool_gate", [&] {
-    scalar_t* p = g.mutable_data_ptr<scalar_t>();
-    const scalar_t* b = bias.const_data_ptr<scalar_t>();
-    for (int64_t r = 0; r < NC; ++r)
-      for (int64_t k = 0; k < S; ++k) p[r * S + k] = scalar_t(1) / (scalar_t(1) + std::exp(-(p[r * S + k] + b[r % C])));
+// The gate GEMMs. A strip gate is a pointwise Conv1d on the strip means: one C×C matrix applied
+// to N·S vectors. The products are small and done here rather than by ATen for two reasons: a
+// result must not depend on the thread count (a BLAS may split the K sum across threads), and
+// at::matmul picks its path by layout and requires_grad (with a frozen weight it took an
+// expand + bmm path 5× slower than with a trainable one).
+//
+// out (M × Nc, row-major) = A · B (+ bias[m] on row m), optionally through a sigmoid;
+// A[m, k] = a[m·a_m + k·a_k], B row-major (K × Nc). Each output sums over k in order, whatever
+// the split: deterministic.
+
+template <typename T>
+void gemm_rows(int64_t M, int64_t K, int64_t Nc, const T* a, int64_t a_m, int64_t a_k, const T* b,
+               const T* bias, bool sigmoid, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t kRows = 4;  // 4 rows × 2 vectors: 8 accumulators, 2 loads + 4 broadcasts per 8 FMAs
+  const int64_t blocks = (M + kRows - 1) / kRows, panels = (Nc + 2 * V - 1) / (2 * V);
+  // Tasks are (column panel, row block) tiles, panel-major: a thread's contiguous range of tasks
+  // reads only its panels' share of B, and a few rows still split over the columns.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(K * kRows * 2 * V, 1));
+  at::parallel_for(0, panels * blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % blocks, j = task / blocks * 2 * V;
+      const int64_t m0 = mb * kRows, rows = std::min<int64_t>(kRows, M - m0);
+      const T* arow[kRows];
+      for (int64_t r = 0; r < kRows; ++r) arow[r] = a + std::min<int64_t>(m0 + r, M - 1) * a_m;  // spare rows repeat the last
+      const int64_t n0 = std::min<int64_t>(V, Nc - j), n1 = std::clamp<int64_t>(Nc - j - V, 0, V);
+      Vec acc0[kRows], acc1[kRows];
+      for (int64_t r = 0; r < kRows; ++r) acc0[r] = acc1[r] = Vec(bias ? bias[std::min<int64_t>(m0 + r, M - 1)] : T(0));
+      if (n1) {
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec v0 = load(b + k * Nc + j, V), v1 = load(b + k * Nc + j + V, n1);
+          for (int64_t r = 0; r < kRows; ++r) {
+            const Vec w(arow[r][k * a_k]);
+            acc0[r] = at::vec::fmadd(w, v0, acc0[r]);
+            acc1[r] = at::vec::fmadd(w, v1, acc1[r]);
+          }
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const Vec v0 = load(b + k * Nc + j, n0);
+          for (int64_t r = 0; r < kRows; ++r) acc0[r] = at::vec::fmadd(Vec(arow[r][k * a_k]), v0, acc0[r]);
+        }
+      }
+      const Vec one(T(1));
+      for (int64_t r = 0; r < rows; ++r) {
+        if (sigmoid) {
+          acc0[r] = one / (one + acc0[r].neg().exp());
+          acc1[r] = one / (one + acc1[r].neg().exp());
+        }
+        store(out + (m0 + r) * Nc + j, acc0[r], n0);
+        if (n1) store(out + (m0 + r) * Nc + j + V, acc1[r], n1);
+      }
+    }
   });
-  return g;
+}
+
+// Strip tensors (N, C, S) as C rows of N·S ("channel rows": W applies to them as stored, and the
+// vectors run along N·S, full even at S = 4) or as N·S rows of C ("position rows"). Batch 1 needs
+// no copy for channel rows.
+at::Tensor channel_rows(const at::Tensor& z) {
+  return z.permute({1, 0, 2}).reshape({z.size(1), z.size(0) * z.size(2)}).contiguous();
+}
+at::Tensor from_channel_rows(const at::Tensor& r, int64_t N) {
+  return r.view({r.size(0), N, -1}).permute({1, 0, 2}).contiguous();
+}
+at::Tensor position_rows(const at::Tensor& z) { return z.transpose(1, 2).contiguous().view({-1, z.size(1)}); }
+
+// The gate σ(W z + b) of strip means z (N, C, S), W z + b being a pointwise Conv1d: one GEMM
+// W · Z with Z the channel rows, bias and sigmoid fused. W is used as stored: a transposed copy
+// of a 320 × 320 weight costs more than the product.
+at::Tensor strip_gate_values(const at::Tensor& z, const at::Tensor& weight, const at::Tensor& bias) {
+  const int64_t N = z.size(0), C = z.size(1);
+  const at::Tensor zc = channel_rows(z);
+  at::Tensor s = at::empty_like(zc);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "meta_pool_gate", [&] {
+    gemm_rows<scalar_t>(C, C, zc.size(1), weight.const_data_ptr<scalar_t>(), C, 1, zc.const_data_ptr<scalar_t>(),
+                        bias.const_data_ptr<scalar_t>(), true, s.mutable_data_ptr<scalar_t>());
+  });
+  return from_channel_rows(s, N);
+}
+
+// The gradients of one gate from dlogits (N, C, S) and its strip means z (N, C, S), each one
+// GEMM: the weight's G · Z^T over K = N·S, the bias's as G's row sums, and the strip means'
+// W^T G · scale (G, Z the channel rows).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> strip_gate_grads(const at::Tensor& dlogits, const at::Tensor& z,
+                                                                const at::Tensor& weight, double scale) {
+  const int64_t N = z.size(0), C = z.size(1);
+  const at::Tensor gc = channel_rows(dlogits), zr = position_rows(z);
+  const int64_t K = gc.size(1);
+  at::Tensor dw = at::empty({C, C}, z.options()), db = at::empty({C}, z.options()), dz = at::empty_like(gc);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "meta_pool_gate_backward", [&] {
+    const scalar_t* g = gc.const_data_ptr<scalar_t>();
+    gemm_rows<scalar_t>(C, K, C, g, K, 1, zr.const_data_ptr<scalar_t>(), nullptr, false,
+                        dw.mutable_data_ptr<scalar_t>());
+    scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        scalar_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += g[c * K + k];
+        dbp[c] = sum;
+      }
+    });
+    // W^T G: A[m, k] = W[k, m].
+    gemm_rows<scalar_t>(C, C, K, weight.const_data_ptr<scalar_t>(), 1, C, g, nullptr, false,
+                        dz.mutable_data_ptr<scalar_t>());
+  });
+  return {dw.view({C, C, 1}), db, from_channel_rows(dz.mul_(scale), N)};
 }
 
 at::Tensor empty_strip(const MetaPoolArgs& a, int dim) {
@@ -931,12 +1030,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor w_strip = a.pi.defined() ? a.pi.narrow(0, a.cand.strip_pos, 1) : at::ones({1}, acc_opts);
     const at::Tensor grad_gh = rows.mul_(sh * (1 - sh)).mul_(w_strip);
     const at::Tensor grad_gw = cols.mul_(sw * (1 - sw)).mul_(w_strip);
-    gate_grads[0] = at::matmul(grad_gh, zh.transpose(1, 2)).sum(0).view({C, C, 1});
-    gate_grads[1] = grad_gh.sum({0, 2});
-    gate_grads[2] = at::matmul(grad_gw, zw.transpose(1, 2)).sum(0).view({C, C, 1});
-    gate_grads[3] = grad_gw.sum({0, 2});
-    gzh = at::matmul(a.gate_h_weight.view({C, C}).t(), grad_gh).div_(W).contiguous();
-    gzw = at::matmul(a.gate_w_weight.view({C, C}).t(), grad_gw).div_(H).contiguous();
+    std::tie(gate_grads[0], gate_grads[1], gzh) = strip_gate_grads(grad_gh, zh, a.gate_h_weight, 1.0 / W);
+    std::tie(gate_grads[2], gate_grads[3], gzw) = strip_gate_grads(grad_gw, zw, a.gate_w_weight, 1.0 / H);
   }
   at::Tensor alpha_parts = at::empty({g.items(), kLocalSlots}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_backward", [&] {

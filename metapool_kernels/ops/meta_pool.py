@@ -231,7 +231,9 @@ def mix(x: torch.Tensor, pi: Optional[torch.Tensor], names: Tuple[str, ...], gat
         return x  # a fixed skip layer computes nothing
     if "strip" not in names:
         gates = (None, None, None, None)
-    out, _, _ = torch.ops.metapool.meta_pool(x, pi, *gates, _candidates_arg(names))
+    # Dynamo traces through an lru_cache wrapper (and warns); the join is traced once anyway.
+    arg = ",".join(names) if torch.compiler.is_compiling() else _candidates_arg(names)
+    out, _, _ = torch.ops.metapool.meta_pool(x, pi, *gates, arg)
     return out
 
 
