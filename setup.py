@@ -83,8 +83,19 @@ if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME
     os.environ["TORCH_CUDA_ARCH_LIST"] = with_ptx(os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"))
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+TORCH_MISSING = """
+metapool_kernels compiles its C++ extension against the torch of the environment it is installed
+into, and this build cannot import torch ({error}). pip builds packages in an isolated environment
+by default, which has no torch: install torch first (https://pytorch.org/get-started/), then install
+this package with `pip install --no-build-isolation <path or git URL>` (add `-e` for a checkout you
+edit), which builds it against that torch.
+"""
+
+try:
+    import torch  # noqa: E402
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+except ImportError as e:
+    raise SystemExit(TORCH_MISSING.format(error=e)) from None
 
 
 def cpu_vector_flags():
@@ -160,7 +171,11 @@ setup(
     packages=find_packages(include=["metapool_kernels", "metapool_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton"], "train": ["torchvision", "tqdm", "matplotlib", "timm"],
+    # Only the Triton kernels for CUDA tensors import triton (on first use), and triton ships Linux
+    # wheels only. "triton" is the extra's older name.
+    extras_require={"cuda": ['triton; platform_system == "Linux"'],
+                    "triton": ['triton; platform_system == "Linux"'],
+                    "train": ["torchvision", "tqdm", "matplotlib", "timm"],
                     "export": ["onnx", "onnxscript", "onnxruntime"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

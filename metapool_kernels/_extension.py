@@ -28,10 +28,35 @@ def _source_hash() -> str | None:
     return h.hexdigest()[:16]
 
 
+def _has_binary(folder: Path) -> bool:
+    return any(folder.glob("_C*.so")) or any(folder.glob("_C*.pyd"))
+
+
+def _installed_elsewhere(here: Path) -> Path | None:
+    """Another metapool_kernels on sys.path that has a built extension, if any."""
+    for entry in sys.path:
+        candidate = Path(entry or os.getcwd()).resolve() / "metapool_kernels"
+        if candidate != here and _has_binary(candidate):
+            return candidate
+    return None
+
+
 def _load():
     try:
         from metapool_kernels import _C
     except ImportError as e:  # missing, or linked against another torch
+        here = Path(__file__).resolve().parent
+        if not _has_binary(here):
+            installed = _installed_elsewhere(here)
+            if installed is not None:
+                # Python started inside the clone imports the clone's unbuilt sources before the
+                # installed package; the bare ImportError then reads like a circular import.
+                raise ImportError(
+                    f"metapool_kernels was imported from the source tree {here}, which has no built "
+                    f"extension, instead of the installed package {installed}: the current folder "
+                    f"comes first on sys.path. Run Python from outside the clone, or build the "
+                    f"clone in place with `pip install -e . --no-build-isolation`.") from None
+            raise ImportError(f"metapool_kernels._C has not been built in {here}; {BUILD_HINT}") from None
         raise ImportError(f"metapool_kernels._C could not be loaded ({e}); {BUILD_HINT}") from e
     if os.environ.get("METAPOOL_SKIP_STALE_CHECK", "0") != "1":
         expected = _source_hash()

@@ -6,8 +6,30 @@
 - :mod:`.ablation`: the paper's Table 3 on Fashion-MNIST, several seeds (report: :mod:`.ablation_report`).
 - :mod:`.cli`: ``python -m metapool_kernels.pmpl search|retrain|eval|ablation``.
 """
-from .search import SearchConfig, SearchResult, bilevel_step, progressive_early_stopping, run_search
-from .train import TrainConfig, TrainResult, run_eval, run_train
+import importlib
+
+
+def _missing_train_extra() -> list:
+    missing = []
+    for name in ("torchvision", "timm"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+# The trainer's networks and data come from torchvision and timm, which a base install (the kernels
+# alone) does not pull in.
+_MISSING = _missing_train_extra()
+if _MISSING:
+    raise ImportError(
+        f"metapool_kernels.pmpl (the trainer) needs {' and '.join(_MISSING)}, which are "
+        "in the package's 'train' extra: pip install --no-build-isolation '<path or git URL>[train]' "
+        "(or pip install torchvision timm tqdm matplotlib)")
+
+from .search import SearchConfig  # noqa: E402, SearchResult, bilevel_step, progressive_early_stopping, run_search
+from .train import TrainConfig  # noqa: E402, TrainResult, run_eval, run_train
 
 __all__ = ["SearchConfig", "SearchResult", "TrainConfig", "TrainResult", "bilevel_step",
            "progressive_early_stopping", "run_eval", "run_search", "run_train"]
