@@ -2,12 +2,12 @@
 
 Papers:
 - Meta-Pooling: Dong et al., "Progressive Meta-Pooling Learning for Lightweight Image
-  Classification Model" (papers/meta-pooling-paper.md). Tables 1-4 define the enhancers built here.
+  Classification Model". Tables 1-4 define the enhancers built here.
 - MobileNetV2: Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018.
 - SE: Hu et al., "Squeeze-and-Excitation Networks", TPAMI 2020.
 - CBAM: Woo et al., "CBAM: Convolutional Block Attention Module", ECCV 2018.
 - Coordinate Attention: Hou et al., "Coordinate Attention for Efficient Mobile Network Design", CVPR 2021.
-- SKNet: Li et al., "Selective Kernel Networks", CVPR 2019 (papers/sknet-paper.txt).
+- SKNet: Li et al., "Selective Kernel Networks", CVPR 2019.
 
 The backbone is torchvision's MobileNetV2; the attention baselines are timm's modules, configured so
 that the parameter counts match the Meta-Pooling paper's Table 4 (see ``ENHANCER_DOCS``).
@@ -34,7 +34,7 @@ from timm.layers.selective_kernel import SelectiveKernel
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .modules import FusedMetaPooling
+from .insert import EnhancedBlock, insert_enhancers
 from .reference import PAPER_CANDIDATES, MetaPooling
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 NUM_BLOCKS = 17  # inverted-residual blocks in MobileNetV2, at every width multiplier
+BLOCK_NAMES = tuple(f"features.{i + 1}" for i in range(NUM_BLOCKS))
 
 ENHANCERS: Tuple[str, ...] = ("none", "maxpool", "avgpool", "strip", "random", "meta",
                               "se", "cbam", "coordatt", "sk")
@@ -85,19 +86,6 @@ SMALL_INPUT_STRIDE1 = ("features.0 (stem conv)", "block 1 (first 24-channel bloc
 SE_RD_RATIO = 1.0 / 8
 COORD_GROUPS, COORD_MIN = 32, 8
 SK_R, SK_L = 8, 16
-
-
-class EnhancedBlock(nn.Module):
-    """An inverted-residual block followed by its spatial enhancer: ``enhancer(block(x))``."""
-
-    def __init__(self, block: nn.Module, enhancer: nn.Module):
-        super().__init__()
-        self.block = block
-        self.enhancer = enhancer
-        self.out_channels = block.out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enhancer(self.block(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,13 +144,6 @@ def load_genotype(path: Union[str, os.PathLike]) -> List[str]:
 # --------------------------------------------------------------------------------------------
 # Building.
 # --------------------------------------------------------------------------------------------
-def _fixed_layer(op: str, channels: int, fused: bool) -> MetaPooling:
-    # candidates=(op,) so the layer holds only that op's parameters (gate convs only for 'strip').
-    layer = (FusedMetaPooling if fused else MetaPooling)(channels, (op,))
-    layer.fix(op)
-    return layer
-
-
 def _genotype_for(enhancer, candidates: Sequence[str], seed: int) -> Optional[List[str]]:
     """The fixed op per block for pooling enhancers; None for 'meta' and the non-pooling ones."""
     if not isinstance(enhancer, str):
@@ -197,16 +178,13 @@ def _sk_conv(dw: nn.Sequential) -> SelectiveKernel:
                            act_layer=nn.ReLU6)
 
 
-def _after_block(name: str, genotype, i: int, channels: int, candidates, fused: bool) -> nn.Module:
-    if genotype is not None:
-        return _fixed_layer(genotype[i], channels, fused)
-    if name == "meta":
-        return (FusedMetaPooling if fused else MetaPooling)(channels, candidates)
+def attention_enhancer(name: str, channels: int) -> nn.Module:
+    """The Table 4 attention baselines that follow a block: SE or CBAM, sized as the paper's."""
     if name == "se":
         return SEModule(channels, rd_ratio=SE_RD_RATIO, rd_divisor=1)
     if name == "cbam":
         return CbamModule(channels, rd_ratio=SE_RD_RATIO, rd_divisor=1, mlp_bias=True)
-    return nn.Identity()  # none, and sk / coordatt, which live inside the block
+    raise ValueError(f"unknown attention enhancer {name!r}")
 
 
 def _init_new(module: nn.Module) -> None:
@@ -282,10 +260,10 @@ def mobilenet_v2(enhancer: Union[str, Sequence[str]] = "meta", width_mult: float
                 _init_new(attn)
                 layers.insert(k + 1, attn)
             block.conv = nn.Sequential(*layers)
-        after = _after_block(name, genotype, i, block.out_channels, candidates, fused)
-        if isinstance(after, (SEModule, CbamModule)):
-            _init_new(after)
-        model.features[i + 1] = EnhancedBlock(block, after)
+    # The enhancers after the blocks: the same mechanism as for any other network.
+    after = genotype if genotype is not None else ("none" if name in ("sk", "coordatt") else name)
+    insert_enhancers(model, after, candidates, blocks=BLOCK_NAMES, fused=fused, seed=seed,
+                     channels=[model.features[i + 1].out_channels for i in range(NUM_BLOCKS)])
     return model
 
 

@@ -264,6 +264,7 @@ def test_search_writes_genotype_plot_logs_and_round_trips(tmp_path):
     assert load_genotype(res.genotype_path) == res.genotype
     meta = json.loads(res.genotype_path.read_text())
     assert meta["rho"] == 0.1 and meta["candidates"] == list(PAPER_CANDIDATES)
+    assert meta["blocks"] == []  # TinyNet's layers follow no EnhancedBlock; a network's block names otherwise
     assert len(meta["fix_events"]) == len(res.events) and res.events  # α lr 0.3 fixes some layers
     for e in res.events:
         assert res.genotype[e["layer"]] == e["op"] and e["margin"] >= 0.1

@@ -468,6 +468,21 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
     return result
 
 
+# A never-fixed layer whose top two weights differ by less than this share of ρ chose by noise.
+NOISE_MARGIN_OF_RHO = 0.25
+
+
+def noise_chosen_layers(layers, probs, rho: float) -> List[int]:
+    """Indices of the layers Eq. 4 never fixed whose largest π leads the runner-up by less than
+    NOISE_MARGIN_OF_RHO · ρ: their argmax is not a choice."""
+    out = []
+    for i, (m, p) in enumerate(zip(layers, probs)):
+        top = sorted(p, reverse=True)
+        if m.fixed is None and len(top) > 1 and top[0] - top[1] < NOISE_MARGIN_OF_RHO * rho:
+            out.append(i)
+    return out
+
+
 def _finish(cfg, model, layers, state, steps_per_epoch, data, env, folder, logger, log, t_start,
             model_cfg) -> SearchResult:
     probs = layer_probs(layers)
@@ -477,6 +492,7 @@ def _finish(cfg, model, layers, state, steps_per_epoch, data, env, folder, logge
     geno_path = plot_path = None
     ckpt_path = folder / "checkpoint.pt"
     if state.done and env.is_main:
+        from ..insert import block_names
         from ..models import save_genotype
 
         plot_path = plot_alpha_history(state.history, state.events, cfg.candidates, folder.file("alpha_history.png"),
@@ -491,11 +507,17 @@ def _finish(cfg, model, layers, state, steps_per_epoch, data, env, folder, logge
                       epochs=state.epoch, steps=state.step, steps_per_epoch=steps_per_epoch,
                       all_fixed=all(m.fixed is not None for m in layers), rho=cfg.rho,
                       candidates=list(cfg.candidates), model_config=model_cfg, data=data.name,
-                      config=dataclasses.asdict(cfg))
+                      config=dataclasses.asdict(cfg), blocks=block_names(model))
         logger.log("done", genotype=genotype, probs=chosen, epochs=state.epoch, steps=state.step,
                    seconds=round(time.perf_counter() - t_start, 2), genotype_path=str(geno_path),
                    plot=str(plot_path))
         log(table)
+        noisy = noise_chosen_layers(layers, probs, cfg.rho)
+        if noisy:
+            log(f"warning: {len(noisy)} of {len(layers)} layers (blocks {', '.join(str(i + 1) for i in noisy)}) were "
+                f"never fixed by Eq. 4 and their π is within noise of uniform (largest − runner-up < "
+                f"{NOISE_MARGIN_OF_RHO:g}·ρ = {NOISE_MARGIN_OF_RHO * cfg.rho:.3g}): their ops in the genotype are "
+                "argmaxes of noise. Search longer (--epochs) or with a larger --alpha-lr.")
         log(f"genotype → {geno_path}\nπ history plot → {plot_path}")
     return SearchResult(genotype=genotype, probs=probs, events=list(state.events), history=list(state.history),
                         epochs=state.epoch, steps=state.step, steps_per_epoch=steps_per_epoch, done=state.done,
