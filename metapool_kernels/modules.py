@@ -76,7 +76,9 @@ class FusedMetaPooling(MetaPooling):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self._route
-        if route == "torch":
+        # Traced (torch.jit.trace, the TorchScript ONNX exporter), the layer records the reference's
+        # standard ops, so a traced file runs without this package.
+        if route == "torch" or torch.jit.is_tracing():
             return super().forward(x)
         alpha = self._parameters["alpha"]
         # Everything _validate looks at lives on the host; a new key is checked once.

@@ -10,6 +10,8 @@ Everything here is written for clarity, not speed. The fused modules in
 """
 from __future__ import annotations
 
+import importlib
+import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -140,6 +142,15 @@ OP_DOCS: Dict[str, str] = {
 # --------------------------------------------------------------------------------------------
 # The module.
 # --------------------------------------------------------------------------------------------
+def _in_torchscript_onnx_export() -> bool:
+    for name in ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals"):
+        try:
+            return bool(importlib.import_module(name).GLOBALS.in_onnx_export)
+        except (ImportError, AttributeError):
+            continue
+    return False
+
+
 class MetaPooling(nn.Module):
     """Parameterized spatial enhancer: ``sum_k softmax(alpha)_k * op_k(x)``.
 
@@ -198,6 +209,20 @@ class MetaPooling(nn.Module):
         self.fixed = fixed
         self.alpha.requires_grad_(fixed is None)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) takes every
+        # state_dict value for a tensor; the fixed op is in the traced graph already.
+        if _in_torchscript_onnx_export():
+            destination.pop(prefix + "_extra_state", None)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward dispatches in Python). "
+            "For a TorchScript file use torch.jit.trace on a derived network (every layer fixed): it records "
+            "standard ops and loads without this package. For other deployments use torch.export.export or "
+            "torch.onnx.export(..., dynamo=True).")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         try:
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -212,6 +237,13 @@ class MetaPooling(nn.Module):
 
     # -- compute ----------------------------------------------------------------------------
     def _validate(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing():
+            # Traced, sizes are graph values: the checks hold for the example input and would only
+            # warn that a comparison of sizes is recorded as a constant.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                check_input(x, self.channels)
+            return
         check_input(x, self.channels)
         check_same_device(x=x, alpha=self.alpha)
         if self.alpha.shape != (len(self.candidates),):  # shapes live on the host: no synchronisation

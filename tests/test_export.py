@@ -166,6 +166,53 @@ def test_derived_network_round_trips_through_onnx_runtime(fmt, tmp_path):
         assert_close(run_onnx(path, x), expected, f"derived network, batch {batch}, {fmt}")
 
 
+def test_derived_network_through_the_torchscript_onnx_exporter(tmp_path):
+    # torch.onnx.export(..., dynamo=False): the exporter many deployment scripts still call.
+    model = small_derived_network()
+    path = tmp_path / "legacy.onnx"
+    with pytest.warns(DeprecationWarning):
+        torch.onnx.export(model, (inputs((2, 1, 28, 28)),), str(path), dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    proto = onnx.load(str(path))
+    assert all(o.domain in ("", "ai.onnx") for o in proto.opset_import), list(proto.opset_import)
+    assert {"MaxPool", "AveragePool"} <= set(onnx_op_types(proto)), onnx_op_types(proto)
+    ref = reference_model(model)
+    for batch in (1, 5):
+        x = inputs((batch, 1, 28, 28), seed=batch)
+        with torch.no_grad():
+            expected = ref(x)
+        assert_close(run_onnx(path, x), expected, f"legacy export, batch {batch}")
+    # The layers' state (which op each one is fixed to) is still saved and restored as before.
+    assert any(k.endswith("_extra_state") for k in model.state_dict())
+
+
+def test_traced_network_runs_without_the_package(tmp_path):
+    import subprocess
+    import sys
+    model = small_derived_network()
+    x = inputs((3, 1, 28, 28), seed=4)
+    traced = torch.jit.trace(model, (x,))
+    path = tmp_path / "traced.pt"
+    traced.save(str(path))
+    np.save(tmp_path / "x.npy", x.numpy())
+    with torch.no_grad():
+        np.save(tmp_path / "ref.npy", reference_model(model)(x).numpy())
+    # A fresh interpreter that cannot import metapool_kernels at all.
+    probe = (f"import sys; sys.modules['metapool_kernels'] = None; import numpy as np, torch; "
+             f"m = torch.jit.load({str(path)!r}); x = torch.from_numpy(np.load({str(tmp_path / 'x.npy')!r})); "
+             f"err = (m(x) - torch.from_numpy(np.load({str(tmp_path / 'ref.npy')!r}))).abs().max().item(); "
+             f"print('max abs error', err); sys.exit(0 if err <= {ATOL} else 1)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("what", ["layer", "network"])
+def test_scripting_is_refused_with_what_to_use(what):
+    target = fixed_layer("max5") if what == "layer" else small_derived_network()
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*torch\.jit\.trace.*torch\.export"):
+        torch.jit.script(target)
+
+
 def test_to_onnx_refuses_a_training_mode_model(tmp_path):
     with pytest.raises(ValueError, match="eval"):
         to_onnx(fixed_layer("max3").train(), inputs((2, 6, 8, 8)), tmp_path / "m.onnx")

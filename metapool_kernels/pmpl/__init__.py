@@ -28,8 +28,8 @@ if _MISSING:
         "in the package's 'train' extra: pip install --no-build-isolation '<path or git URL>[train]' "
         "(or pip install torchvision timm tqdm matplotlib)")
 
-from .search import SearchConfig  # noqa: E402, SearchResult, bilevel_step, progressive_early_stopping, run_search
-from .train import TrainConfig  # noqa: E402, TrainResult, run_eval, run_train
+from .search import SearchConfig, SearchResult, bilevel_step, progressive_early_stopping, run_search  # noqa: E402
+from .train import TrainConfig, TrainResult, run_eval, run_train  # noqa: E402
 
 __all__ = ["SearchConfig", "SearchResult", "TrainConfig", "TrainResult", "bilevel_step",
            "progressive_early_stopping", "run_eval", "run_search", "run_train"]

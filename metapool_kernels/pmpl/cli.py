@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--data-dir", default=None, help="override the data set the checkpoint was trained on")
     pe.add_argument("--test-subset", type=_positive_int, default=None, metavar="N")
     pe.add_argument("--batch-size", type=_positive_int, default=256)
-    pe.add_argument("--workers", type=_nonneg_int, default=4)
+    pe.add_argument("--workers", type=_nonneg_int, default=None,
+                    help="data-loading processes (default: 4, or the number of cores if fewer)")
     pe.add_argument("--device", type=DEVICE.arg(str), default="auto")
     pe.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -189,6 +190,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a genotype file's search settings give a retrain that does not set them itself: the network
+# it was searched for (width, input size, stem) on the same data.
+GENOTYPE_SETTINGS = (("width", "--width"), ("image_size", "--image-size"), ("small_input", "--small-input"),
+                     ("data_dir", "--data-dir"))
+
+
+def _given(argv: List[str], flag: str) -> bool:
+    negated = "--no-" + flag[2:]
+    return any(a == flag or a.startswith(flag + "=") or a == negated for a in argv)
+
+
+def _settings_from_genotype(args: argparse.Namespace, argv: List[str]) -> List[str]:
+    """Fill retrain's unset network and data flags from the genotype file's search config; returns
+    a note per setting taken."""
+    from ..models import read_genotype_file
+
+    searched = read_genotype_file(args.genotype).get("config")
+    if not isinstance(searched, dict):
+        return []
+    notes = []
+    for key, flag in GENOTYPE_SETTINGS:
+        if key in searched and not _given(argv, flag) and searched[key] != getattr(args, key):
+            setattr(args, key, searched[key])
+            notes.append(f"{key}={searched[key]!r}")
+    return notes
+
+
 def _config(cls, ns: argparse.Namespace):
     values = {k: v for k, v in vars(ns).items() if k in cls.__dataclass_fields__}
     if values["out_dir"] is None:  # a resumed run continues in its own folder
@@ -202,12 +230,21 @@ def _is_main() -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "search":
             from .search import run_search
             run_search(_config(SearchConfig, args))
         elif args.command == "retrain":
+            if args.genotype is None and args.enhancer is None and args.resume is None:
+                raise ValueError("retrain needs --genotype JSON (the network a search derived) or --enhancer NAME "
+                                 "(a baseline; --enhancer none for the plain network)")
+            if args.genotype is not None and args.resume is None:
+                notes = _settings_from_genotype(args, argv)
+                if notes and _is_main():
+                    print(f"retraining with the genotype's search settings: {', '.join(notes)} "
+                          f"(set {', '.join(f for _, f in GENOTYPE_SETTINGS)} to override)")
             from .train import accuracy_table, result_row, run_train
             res = run_train(_config(TrainConfig, args))
             if _is_main():

@@ -44,6 +44,10 @@ class DistEnv:
         return self.rank == 0
 
 
+# Data-loading processes: 4, or fewer on a machine with fewer cores (DataLoader warns above that).
+DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     DEVICE.check("device", device)
     if device == "auto":
@@ -224,7 +228,7 @@ class RunConfig:
     subset: Optional[int] = None
     test_subset: Optional[int] = None
     batch_size: int = 128
-    workers: int = 4
+    workers: int = DEFAULT_WORKERS
     image_size: Optional[int] = None
     # model
     width: float = 1.0
@@ -501,19 +505,26 @@ def unwrap(model: nn.Module) -> nn.Module:
 # Evaluation.
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, env: DistEnv, progress: bool = False, desc: str = "eval",
+def evaluate(model: nn.Module, loader, env: Optional[DistEnv] = None, progress: bool = False, desc: str = "eval",
              fmt: torch.memory_format = torch.contiguous_format) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader, summed across processes."""
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader`` (batches of (x, y) on the
+    model's device), summed across processes under ``torchrun``; ``env`` is needed only there."""
     from .progress import progress as progress_bar
+
+    if env is None:
+        ref = next(iter(model.parameters()), None)
+        env = DistEnv(rank=0, world_size=1, local_rank=0, device=ref.device if ref is not None else torch.device("cpu"))
 
     was_training = model.training
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
+    classes = 0
     try:
         for x, y in progress_bar(loader, desc, enabled=progress and env.is_main, every=None):
             logits = model(x.contiguous(memory_format=fmt))
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            k = min(5, logits.shape[1])
+            classes = logits.shape[1]
+            k = min(5, classes)
             top = logits.topk(k, dim=1).indices
             hits = top.eq(y[:, None])
             correct1 += hits[:, 0].sum().item()
@@ -524,8 +535,9 @@ def evaluate(model: nn.Module, loader, env: DistEnv, progress: bool = False, des
     loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], env)
     if count == 0:
         raise ValueError("the evaluation split is empty")
+    # classes: with 5 or fewer, top-5 is 100% by construction and is not shown.
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count,
-            "samples": int(count)}
+            "samples": int(count), "classes": int(classes)}
 
 
 def memory_format(channels_last: Optional[bool], device: torch.device) -> torch.memory_format:

@@ -57,6 +57,7 @@ class TrainResult:
     train_acc: float
     checkpoint_path: Optional[Path]
     history: List[Dict[str, Any]]
+    classes: int = 0
 
 
 def resolve_enhancer(cfg: TrainConfig):
@@ -189,7 +190,8 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
         logger.log("epoch", name=name, **record)
         test = record.get("test")
         log(f"{name} epoch {epoch}/{cfg.epochs}: loss {record['loss']:.3f} train acc {train_acc:.1f}%"
-            + (f"  test top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}%" if test else "")
+            + (f"  test top-1 {test['top1']:.2f}%" + (f" top-5 {test['top5']:.2f}%" if shows_top5(test) else "")
+               if test else "")
             + f"  ({record['seconds']:.0f} s)")
         state = {"kind": "train", "version": 1, "config": dataclasses.asdict(cfg), "model_config": model_cfg,
                  "name": name, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -205,16 +207,18 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
     return TrainResult(name=name, enhancer=enhancer, top1=metrics["top1"], top5=metrics["top5"],
                        loss=metrics["loss"], params=info["params"], macs=info["macs"], epochs=epoch,
                        seconds=time.perf_counter() - t_start, train_acc=train_acc,
-                       checkpoint_path=ckpt_path if ckpt_path.exists() else None, history=history)
+                       checkpoint_path=ckpt_path if ckpt_path.exists() else None, history=history,
+                       classes=metrics.get("classes", 0))
 
 
 def run_eval(checkpoint: str, *, data_dir: Optional[str] = None, test_subset: Optional[int] = None,
-             batch_size: int = 256, workers: int = 4, device: str = "auto", progress: bool = True,
+             batch_size: int = 256, workers: Optional[int] = None, device: str = "auto", progress: bool = True,
              log=print) -> Dict[str, Any]:
     """Top-1/top-5 of a checkpoint (``train`` or ``search``) on the test split of its data set."""
     from .search import SearchConfig
 
     POSITIVE_INT.check("batch_size", batch_size)
+    workers = runtime.DEFAULT_WORKERS if workers is None else workers
     NON_NEGATIVE_INT.check("workers", workers)
     POSITIVE_INT.optional().check("test_subset", test_subset)
     ckpt = runtime.load_checkpoint(checkpoint)
@@ -241,16 +245,21 @@ def run_eval(checkpoint: str, *, data_dir: Optional[str] = None, test_subset: Op
     return {"name": name, **info, **metrics}
 
 
+def shows_top5(metrics: Dict[str, Any]) -> bool:
+    """Top-5 means something only with more than 5 classes (older logs have no class count)."""
+    return metrics.get("classes", 0) == 0 or metrics["classes"] > 5
+
+
 def accuracy_table(rows: List[Dict[str, Any]], title: str = "Accuracy") -> str:
-    """Model, parameters, multiply-adds per image, epochs, test top-1 / top-5."""
+    """Model, parameters, multiply-adds per image, epochs, test top-1 / top-5 (— with ≤ 5 classes)."""
     def fmt_macs(m):
         return "" if m is None else f"{m / 1e6:.2f}M"
     body = [(r["name"], f"{r['params']:,}", fmt_macs(r.get("macs")), r.get("epochs", ""),
-             f"{r['top1']:.2f}", f"{r['top5']:.2f}") for r in rows]
+             f"{r['top1']:.2f}", f"{r['top5']:.2f}" if shows_top5(r) else "—") for r in rows]
     return format_table(("model", "params", "MACs", "epochs", "top-1 %", "top-5 %"), body, title=title)
 
 
 def result_row(res: TrainResult) -> Dict[str, Any]:
     return {"name": res.name, "params": res.params, "macs": res.macs, "epochs": res.epochs,
-            "top1": res.top1, "top5": res.top5}
+            "top1": res.top1, "top5": res.top5, "classes": res.classes}
 
