@@ -260,6 +260,41 @@ class BenchError(RuntimeError):
 
 
 # =============================================================================================
+# Gate weights: a fixed strip layer's forward with trainable weights, frozen ones, inference_mode
+# =============================================================================================
+GATE_WEIGHT_SETTINGS = ("trainable, no_grad", "frozen, no_grad", "frozen, inference_mode")
+
+
+def gate_weight_cases(scope: str) -> List[Tuple[int, int, int, int]]:
+    # The layer's last strip shapes in a derived network at batch 1, and the batch-16 training map.
+    return [(1, 8, 9, 10)] if scope == "smoke" else [(1, 320, 7, 7), (16, 320, 4, 4)]
+
+
+def run_gate_weight_case(shape, device: str, timing: TimingConfig) -> List[Dict[str, Any]]:
+    """One fixed `strip` layer timed with its gate weights trainable, frozen (requires_grad False),
+    and frozen under inference_mode: a deployment freezes them, so its speed must not depend on it."""
+    torch.manual_seed(5)
+    layer = FusedMetaPooling(shape[1], ("strip",)).to(device)
+    layer.fix("strip")
+    x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+    base = {"suite": "gate_weights", "device": device, "device_name": device_name(device), "op": "strip",
+            "mode": "fwd", "dtype": "float32", "shape": list(shape), "batch": shape[0],
+            "memory_format": "channels_last"}
+    rows = []
+    for setting in GATE_WEIGHT_SETTINGS:
+        layer.requires_grad_(setting.startswith("trainable"))
+        grad_mode = torch.inference_mode if setting.endswith("inference_mode") else torch.no_grad
+
+        def fn():
+            with grad_mode():
+                return layer(x)
+        row = dict(base, variant=setting)
+        row.update(measure(fn, device, timing).as_row())
+        rows.append(row)
+    return rows
+
+
+# =============================================================================================
 # Strip gate: the C++ op against eager PyTorch
 # =============================================================================================
 def strip_gate_cases(scope: str) -> List[Tuple[Tuple[int, int, int, int], str, str]]:

@@ -311,7 +311,7 @@ def gbps(nbytes: float, ms: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Byte floors (DESIGN.md, "Kernels and the bytes they may move").
+# Byte floors (docs/DESIGN.md, §2 Budgets).
 # ---------------------------------------------------------------------------------------------
 def floor_factor(op: str, mode: str) -> Tuple[int, str]:
     """(k, why): the op must move at least k·|x| bytes.

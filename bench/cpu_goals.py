@@ -16,11 +16,12 @@ SEARCH_FWD_BWD_VS_EAGER_X = 20.0
 SEARCH_VS_COMPILE_X = 3.0
 FIXED_PCT_COPY = 50.0
 DERIVED_OVERHEAD_PCT = 5.0
-SUPERNET_STEP_X = 1.3
+SUPERNET_STEP_X = 1.2
+GATE_WEIGHTS_SPREAD_PCT = 10.0
 
 GOAL_KEYS: Tuple[str, ...] = (
     "search-fwd+bwd-vs-eager", "search-fwd+bwd-vs-compile", "search-fwd-vs-compile",
-    "fixed-bandwidth", "fixed-vs-compile", "derived-vs-plain", "supernet-step",
+    "fixed-bandwidth", "fixed-vs-compile", "derived-vs-plain", "supernet-step", "gate-weights",
 )
 
 
@@ -35,6 +36,11 @@ class GoalCheck:
     # "providers"}, {"kind": "model", "variants", "memory_format", ...} or {"kind": "train", ...}.
     target: Optional[Dict[str, Any]] = None
     unresolved: List[str] = field(default_factory=list)
+    headline: str = ""                 # the deciding number, for the summary table
+
+    def __post_init__(self):
+        if not self.headline:
+            self.headline = self.measured.split("; ")[0]
 
     @property
     def status(self) -> str:
@@ -89,7 +95,8 @@ def _speedup_goal(key: str, name: str, rows, op_filter, mode: str, other: str, t
                 f"{worst_x * worst['median_ms']:.3g} ms); geomean {_times(_geomean([s[0] for s in speed]))} over "
                 f"{len(speed)} rows")
     short = (f"{len(below)} of {len(speed)} rows below; worst is {target / worst_x:.3g}× short" if below else "")
-    return GoalCheck(key, name, measured, not below, short, _op_target(worst, ("fused", other)))
+    headline = f"worst {_times(worst_x)} ({label}{_shape(worst)}), geomean {_times(_geomean([s[0] for s in speed]))}"
+    return GoalCheck(key, name, measured, not below, short, _op_target(worst, ("fused", other)), headline=headline)
 
 
 def _bandwidth_goal(rows) -> GoalCheck:
@@ -106,7 +113,7 @@ def _bandwidth_goal(rows) -> GoalCheck:
     worst = min(chosen, key=lambda r: r["pct_copy"])
     below = [r for r in chosen if r["pct_copy"] < FIXED_PCT_COPY]
     shapes = sorted({"×".join(map(str, r["shape"])) for r in chosen})
-    measured = (f"worst {worst['pct_copy']:.1f}% ({worst['op']}, {_shape(worst)}: {worst['gbps']:.3g} GB/s); "
+    measured = (f"worst {worst['pct_copy']:.1f}% ({worst['op']}, {_shape(worst)}, {worst['gbps']:.3g} GB/s); "
                 f"best {max(r['pct_copy'] for r in chosen):.1f}%; {len(chosen)} rows over {', '.join(shapes)}, "
                 "both layouts")
     short = (f"{len(below)} of {len(chosen)} rows below; worst is {FIXED_PCT_COPY - worst['pct_copy']:.1f} points short"
@@ -148,7 +155,8 @@ def _derived_goal(rows) -> GoalCheck:
         return GoalCheck(key, name, measured, None, unresolved=unresolved)
     worst = max(resolved, key=lambda c: c[1])
     short = f"worst {worst[1]:+.1f}% ({worst[0]}), {worst[1] - DERIVED_OVERHEAD_PCT:.1f} points over" if above else ""
-    return GoalCheck(key, name, measured, not above, short, worst[5], unresolved)
+    return GoalCheck(key, name, measured, not above, short, worst[5], unresolved,
+                     headline=f"worst {worst[1]:+.1f}% ({worst[0]})")
 
 
 def _supernet_goal(rows) -> GoalCheck:
@@ -170,6 +178,29 @@ def _supernet_goal(rows) -> GoalCheck:
                      f"{x / SUPERNET_STEP_X:.3g}× over the target" if x > SUPERNET_STEP_X else "", target)
 
 
+def _gate_weights_goal(rows) -> GoalCheck:
+    key = "gate-weights"
+    name = (f"Fixed strip layer: trainable / frozen / inference_mode forwards within {GATE_WEIGHTS_SPREAD_PCT:g}% "
+            "of each other")
+    by_shape = defaultdict(dict)
+    for r in rows:
+        if r.get("suite") == "gate_weights" and not r.get("error"):
+            by_shape[tuple(r["shape"])][r["variant"]] = r["median_ms"]
+    if not by_shape:
+        return GoalCheck(key, name, "—", None)
+    parts, worst = [], (0.0, None)
+    for shape, times in sorted(by_shape.items()):
+        spread = 100.0 * (max(times.values()) / min(times.values()) - 1.0)
+        parts.append(f"{'×'.join(map(str, shape))}: " + ", ".join(f"{v} {t * 1e3:.0f} µs" for v, t in times.items())
+                     + f" (spread {spread:.0f}%)")
+        if spread >= worst[0]:
+            worst = (spread, shape)
+    ok = worst[0] <= GATE_WEIGHTS_SPREAD_PCT
+    short = "" if ok else f"spread {worst[0]:.0f}% at {'×'.join(map(str, worst[1]))}"
+    return GoalCheck(key, name, "; ".join(parts), ok, short,
+                     headline=f"largest spread {worst[0]:.0f}% ({'×'.join(map(str, worst[1]))})")
+
+
 def evaluate(rows: Sequence[Dict[str, Any]]) -> List[GoalCheck]:
     """Every CPU goal on rows of one device (one CPU model at one thread count) from one run."""
     search = lambda op: op == "search"  # noqa: E731
@@ -189,4 +220,32 @@ def evaluate(rows: Sequence[Dict[str, Any]]) -> List[GoalCheck]:
                       rows, fixed, "fwd", "compile", 1.0, strictly_faster=True),
         _derived_goal(rows),
         _supernet_goal(rows),
+        _gate_weights_goal(rows),
     ]
+
+
+THREAD_SCALING_X = 1.7
+
+
+def thread_scaling(one: Sequence[Dict[str, Any]], many: Sequence[Dict[str, Any]], threads: int) -> GoalCheck:
+    """The fused op at batch 8 on ``threads`` threads against 1 thread (rows of two runs of one
+    machine, each compared within its own thread count elsewhere): search and fixed ops, fwd and fwd+bwd."""
+    key = "thread-scaling"
+    name = f"Fused op at batch 8: {threads} threads ≥ {THREAD_SCALING_X:g}× 1 thread (search and fixed, fwd and fwd+bwd)"
+
+    def fused(rows):
+        return {(r["op"], r["mode"], r["dtype"], tuple(r["shape"]), r.get("memory_format", "contiguous")): r
+                for r in rows if r.get("suite") == "ops" and not r.get("error") and r.get("provider") == "fused"
+                and not r.get("repeat") and r.get("batch") == 8 and r["op"] != "skip"}
+    a, b = fused(one), fused(many)
+    pairs = [(a[k]["median_ms"] / b[k]["median_ms"], b[k]) for k in a.keys() & b.keys() if b[k]["median_ms"] > 0]
+    if not pairs:
+        return GoalCheck(key, name, "—", None)
+    worst_x, worst = min(pairs, key=lambda p: p[0])
+    below = [p for p in pairs if p[0] < THREAD_SCALING_X]
+    where = f"{worst['op']} {worst['mode']} {_shape(worst)}"
+    measured = (f"worst {_times(worst_x)} ({where}); geomean {_times(_geomean([p[0] for p in pairs]))} over "
+                f"{len(pairs)} rows; {len(below)} below")
+    return GoalCheck(key, name, measured, not below,
+                     f"{len(below)} of {len(pairs)} rows below" if below else "",
+                     headline=f"worst {_times(worst_x)} ({where}), geomean {_times(_geomean([p[0] for p in pairs]))}")

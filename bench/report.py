@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -47,7 +48,7 @@ def reason_for(reasons: Dict[str, Dict[str, str]], device: str, goal: str) -> st
 REASON_PLACEHOLDER = ("> **Reason (from a profile): not yet analysed.** Fill this in from a profile of the "
                       "missed configuration (torch.profiler, Nsight Systems / Compute); not from guesses.")
 
-# The paper's own numbers (papers/meta-pooling-paper.md), eager PyTorch on the authors' hardware.
+# The Meta-Pooling paper's own numbers (its Table 1), eager PyTorch on the authors' hardware.
 PAPER_TABLE1 = {  # variant -> (Lat. ms, F. M, P. M)
     "skip": ("7.37", "320.24", "3.50"),
     "maxpool-eager": ("7.59", "320.81", "3.50"),
@@ -434,7 +435,7 @@ def ops_section(d: Device) -> str:
     out = []
     floors = sorted({(r["op"] if r["op"] in ("search", "strip") else ("avg" if r["op"].startswith("avg") else
                       "max" if r["op"].startswith("max") else r["op"]), r["mode"], r["floor"]) for r in rows})
-    out.append("Byte floors used (|x| = bytes of x; DESIGN.md, “Kernels and the bytes they may move”):\n")
+    out.append("Byte floors used (|x| = bytes of x; docs/DESIGN.md, §2 Budgets):\n")
     out.append(table(["op", "mode", "floor"], [(f"`{o}`", m, f) for o, m, f in floors], "lll"))
     out.append("\nColumns: medians in ms; “2nd” is the fused variant timed again at the end of its case "
                "(the spread between the two is this run's noise); GB/s = floor bytes / fused median; "
@@ -675,7 +676,101 @@ def errors_section(d: Device) -> str:
     return table(["suite", "case", "variant", "error"], body, "llll")
 
 
-def render(runs: Sequence[Dict[str, Any]], source: str = "bench/results") -> str:
+# ---------------------------------------------------------------------------------------------
+# The summary a reader takes in first: every goal on every device, and one plot.
+# ---------------------------------------------------------------------------------------------
+SUMMARY_PLOT = "summary.png"
+_THREADS = re.compile(r"^(?P<host>.*) \((?P<n>\d+) threads?\)$")
+
+
+def _cpu_by_threads(devices: Sequence[Device]) -> Dict[str, Dict[int, Device]]:
+    hosts: Dict[str, Dict[int, Device]] = defaultdict(dict)
+    for d in devices:
+        m = _THREADS.match(d.name) if d.kind == "cpu" else None
+        if m:
+            hosts[m["host"]][int(m["n"])] = d
+    return hosts
+
+
+def _mark(ok: Optional[bool]) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[ok]
+
+
+def summary_section(devices: Sequence[Device], plot: Optional[str]) -> str:
+    hosts = _cpu_by_threads(devices)
+    parts = []
+    for host, by_n in hosts.items():
+        counts = sorted(by_n)
+        checks = {n: cpu_goals.evaluate(one_run_rows(by_n[n])) for n in counts}
+        if 1 in by_n:
+            for n in counts[1:]:
+                scaling = cpu_goals.thread_scaling(one_run_rows(by_n[1]), one_run_rows(by_n[n]), n)
+                checks[n].append(scaling)
+        names = OrderedDict((c.key, c.name) for n in counts for c in checks[n])
+        body = []
+        for key, name in names.items():
+            cells, oks = [], []
+            for n in counts:
+                c = next((c for c in checks[n] if c.key == key), None)
+                cells.append("—" if c is None or c.ok is None else f"{c.headline} ({_mark(c.ok)})")
+                if c is not None and c.ok is not None:
+                    oks.append(c.ok)
+            status = "not measured" if not oks else ("met" if all(oks) else "**missed**")
+            body.append([name] + cells + [status])
+        heads = ["goal"] + [f"{n} thread{'s' if n > 1 else ''}" for n in counts] + ["status"]
+        parts.append(f"**{host}** (CPU; one run per thread count, every ratio within one run):\n\n"
+                     + table(heads, body, "l" * len(heads)))
+    gpus = [d for d in devices if d.kind == "cuda"]
+    parts.append("**GPU:** " + (", ".join(f"[{d.name}](#{_anchor(d.name)})" for d in gpus) + " — see its section."
+                                if gpus else "not yet measured (the last section is predicted from the compiled kernels, "
+                                "not timed)."))
+    if plot:
+        parts.append(f"![fused vs eager vs torch.compile per shape, every thread count](results/{plot})")
+    return "## Summary\n\n" + "\n\n".join(parts) + "\n"
+
+
+def summary_plot(devices: Sequence[Device], path: Path) -> bool:
+    """Search mode fwd+bwd and forward: the fused op's speed-up over eager and over torch.compile of
+    the reference, per shape, one panel per thread count. Returns False when there is nothing to plot."""
+    hosts = _cpu_by_threads(devices)
+    panels = [(host, n, d) for host, by_n in hosts.items() for n, d in sorted(by_n.items())]
+    panels = [p for p in panels if p[2].suite("ops")]
+    if not panels:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (host, n, d) in zip(axes[0], panels):
+        groups = cpu_goals.op_groups(one_run_rows(d), lambda op: op == "search", "fwd+bwd")
+        fwd = cpu_goals.op_groups(one_run_rows(d), lambda op: op == "search", "fwd")
+        keys = sorted(groups.keys() | fwd.keys(), key=lambda k: (k[2], k[3]))
+        labels, series = [], defaultdict(list)
+        for k in keys:
+            labels.append("×".join(map(str, k[2])) + (" cl" if k[3] == "channels_last" else ""))
+            for mode, g in (("fwd+bwd", groups.get(k, {})), ("fwd", fwd.get(k, {}))):
+                f = g.get("fused")
+                for other in ("eager", "compile"):
+                    o = g.get(other)
+                    series[f"{mode} vs {other}"].append(o["median_ms"] / f["median_ms"] if f and o else float("nan"))
+        width = 0.8 / max(1, len(series))
+        for i, (label, values) in enumerate(series.items()):
+            ax.bar([x + i * width for x in range(len(labels))], values, width, label=label)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(cpu_goals.SEARCH_VS_COMPILE_X, color="gray", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"search mode, {n} thread{'s' if n > 1 else ''}", fontsize=10)
+        ax.set_ylabel("speed-up of the fused op (×)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{panels[0][0]}: fused vs eager and torch.compile (dashed: the 3× goal)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render(runs: Sequence[Dict[str, Any]], source: str = "bench/results", plot: Optional[str] = None) -> str:
     devices = collect(runs)
     out = ["# metapool_kernels benchmark results", "",
            f"Generated by `python -m bench.report` from {len(runs)} result file(s) in `{source}/`; "
@@ -684,6 +779,7 @@ def render(runs: Sequence[Dict[str, Any]], source: str = "bench/results") -> str
     if not devices:
         out.append("_No results yet: run `make bench`._")
         return "\n".join(out) + "\n"
+    out.append(summary_section(devices, plot))
     out.append("Devices: " + ", ".join(f"[{d.name}](#{_anchor(d.name)})" for d in devices) + "\n")
     machine = cpu_machine_note(runs)
     if machine:
@@ -766,7 +862,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError:
         pass
     # The predicted section is recompiled (when stale) only for the repository's own RESULTS.md.
-    text = render(runs, source=str(src)) + predicted_section(regenerate=Path(args.out).resolve() == OUT_FILE)
+    plot = None
+    if Path(args.out).resolve() == OUT_FILE and summary_plot(collect(runs), RESULTS_DIR / SUMMARY_PLOT):
+        plot = SUMMARY_PLOT
+    text = render(runs, source=str(src), plot=plot) + predicted_section(regenerate=Path(args.out).resolve() == OUT_FILE)
     Path(args.out).write_text(text)
     print(f"wrote {args.out} from {len(runs)} result file(s)")
     return 0

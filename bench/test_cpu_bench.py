@@ -3,7 +3,7 @@ main device is a GPU) batch-1 inference of plain and derived MobileNetV2 on the 
 name the CPU model and torch's thread count."""
 import pytest
 
-from .cases import model_settings, run_model_case, run_strip_gate_case
+from .cases import gate_weight_cases, model_settings, run_gate_weight_case, run_model_case, run_strip_gate_case
 
 
 def test_strip_gate(bench, strip_gate_case):
@@ -19,3 +19,11 @@ def test_cpu_model(bench, cpu_model_variant):
     bench.run("model", cpu_model_variant.key, run_model_case, cpu_model_variant, "cpu", settings,
               bench.timing("model", "cpu"), macs_resolution=32 if bench.scope == "smoke" else 224,
               compile_backend=bench.compile_backend)
+
+
+@pytest.mark.parametrize("shape", gate_weight_cases("default"), ids=lambda s: "x".join(map(str, s)))
+def test_gate_weights(bench, shape):
+    if bench.scope == "smoke":
+        shape = gate_weight_cases("smoke")[0]
+    bench.run("gate_weights", f"gate_weights-{'x'.join(map(str, shape))}", run_gate_weight_case, shape, "cpu",
+              bench.timing("ops", "cpu"))

@@ -1,4 +1,4 @@
-"""Shared test utilities: devices, the DESIGN.md tolerances, one verbose comparison, layouts."""
+"""Shared test utilities: devices, the docs/DESIGN.md tolerances, one verbose comparison, layouts."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +16,7 @@ TOL = {
     torch.bfloat16: 1.5e-2,
     torch.float64: 1e-12,
 }
-# DESIGN.md: gradients of x may be 5x looser, gradients of alpha and of the gate convs 20x.
+# docs/DESIGN.md: gradients of x may be 5x looser, gradients of alpha and of the gate convs 20x.
 X_GRAD_MULT = 5
 PARAM_GRAD_MULT = 20
 

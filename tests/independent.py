@@ -1,4 +1,4 @@
-"""An independent float64 implementation of DESIGN.md's semantics.
+"""An independent float64 implementation of docs/DESIGN.md's semantics.
 
 Written from the text of the design, not from the package: no F.avg_pool2d / F.max_pool2d /
 F.conv1d, no import from metapool_kernels. Windows are explicit loops over the k×k offsets of a

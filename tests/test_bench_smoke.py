@@ -297,6 +297,9 @@ def synthetic_cpu_goal_rows():
         rows.append({"suite": "train", "device": "cpu", "device_name": "Test CPU (1 thread)", "variant": variant,
                      "label": variant, "batch": 16, "resolution": 64, "num_classes": 10, "small_input": False,
                      "memory_format": "channels_last", "params": 1, "median_ms": ms, "p20_ms": ms, "p80_ms": ms})
+    for variant, ms in zip(cases.GATE_WEIGHT_SETTINGS, (0.100, 0.104, 0.098)):
+        rows.append({"suite": "gate_weights", "device": "cpu", "device_name": "Test CPU (1 thread)", "variant": variant,
+                     "op": "strip", "mode": "fwd", "shape": [1, 320, 7, 7], "median_ms": ms})
     return rows
 
 
@@ -307,7 +310,7 @@ def test_cpu_goals_on_synthetic_rows():
     status = {k: c.ok for k, c in checks.items()}
     assert status == {"search-fwd+bwd-vs-eager": True, "search-fwd+bwd-vs-compile": False,
                       "search-fwd-vs-compile": True, "fixed-bandwidth": True, "fixed-vs-compile": False,
-                      "derived-vs-plain": False, "supernet-step": True}
+                      "derived-vs-plain": False, "supernet-step": True, "gate-weights": True}
     assert "worst 2.5× " in checks["search-fwd+bwd-vs-compile"].measured
     assert checks["search-fwd+bwd-vs-compile"].target["providers"] == ["fused", "compile"]
     slow = checks["fixed-vs-compile"].target
@@ -316,6 +319,11 @@ def test_cpu_goals_on_synthetic_rows():
     derived = checks["derived-vs-plain"]
     assert "compiled, contiguous: +8.0%" in derived.measured and derived.target["variants"][0] == "derived-fused-compiled"
     assert "1.2×" in checks["supernet-step"].measured
+    assert "spread 6%" in checks["gate-weights"].measured
+    frozen_slow = [dict(r, median_ms=0.5) if r.get("variant") == "frozen, no_grad" else r
+                   for r in synthetic_cpu_goal_rows()]
+    gate = next(c for c in cpu_goals.evaluate(frozen_slow) if c.key == "gate-weights")
+    assert gate.ok is False and "spread 410%" in gate.shortfall
 
 
 def test_profile_rows_render_under_missed_goal():
@@ -334,7 +342,7 @@ def test_profile_rows_render_under_missed_goal():
     run.add(rows)
     text = report.render([dict(run.to_json(), file="cpu.json")])
     goals = text[text.index("### Goals"):text.index("### Op suite")]
-    assert goals.count("**missed**") == 3 and goals.count("**met**") == 4
+    assert goals.count("**missed**") == 3 and goals.count("**met**") == 5
     section = goals[goals.index("**Search mode fwd+bwd ≥ 3× torch.compile(reference): missed.**"):]
     assert "torch.profiler, this run, `search` fwd+bwd, float32, 1×4×6×7" in section
     assert "Reason (from a profile): not yet analysed" in section

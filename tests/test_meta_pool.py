@@ -1,5 +1,5 @@
 """The fused Triton Meta-Pooling kernels (metapool_kernels/ops/meta_pool.py) against the
-independent float64 implementation of DESIGN.md: forward, every gradient, every candidate subset,
+independent float64 implementation of docs/DESIGN.md: forward, every gradient, every candidate subset,
 search and fixed modes, tiling edge cases, dtypes, layouts, NaN, ties, determinism, gradcheck,
 opcheck and torch.compile.
 

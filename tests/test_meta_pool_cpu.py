@@ -1,5 +1,5 @@
 """The C++ CPU kernels of ``metapool::meta_pool`` (csrc/cpu/meta_pool_kernel.cpp) against the
-independent float64 implementation of DESIGN.md and the pure-PyTorch reference.
+independent float64 implementation of docs/DESIGN.md and the pure-PyTorch reference.
 
 The kernels cut the work into items (channel groups × row chunks) over packed rows: NCHW rows
 narrower than 32 pack several channels per row, channels_last rows hold blocks of channels, and
@@ -96,7 +96,7 @@ def grads_of(out, inputs, grad_out):
 
 
 def grad_multiplier(name, dtype):
-    """DESIGN.md: grads of x 5×, of α and the gates 20× the output tolerance; float64 is exact
+    """docs/DESIGN.md: grads of x 5×, of α and the gates 20× the output tolerance; float64 is exact
     (1e-12) for every gradient."""
     if dtype == torch.float64:
         return 1
@@ -106,7 +106,7 @@ def grad_multiplier(name, dtype):
 def check(shape, candidates=PAPER_CANDIDATES, fixed=None, dtype=torch.float32, layout="contiguous",
           seed=0, grad_layout=None, against_reference=True):
     """Forward and every gradient of the op on x in ``layout`` against the independent float64
-    implementation (at DESIGN.md's tolerances) and MetaPooling in the same dtype (twice those);
+    implementation (at docs/DESIGN.md's tolerances) and MetaPooling in the same dtype (twice those);
     the output and grad x keep x's memory format; x and the incoming grad are left unchanged."""
     C = shape[1]
     x = randn(shape, seed, dtype)

@@ -1,5 +1,5 @@
 """The pure-PyTorch reference (metapool_kernels.reference) against the independent float64
-implementation of DESIGN.md: candidate ops, the strip enhancer, MetaPooling in search and fixed
+implementation of docs/DESIGN.md: candidate ops, the strip enhancer, MetaPooling in search and fixed
 modes, its API, and every bad input the design lists."""
 from __future__ import annotations
 

@@ -13,17 +13,27 @@
 // visited once per item, plus a halo of rows at chunk edges.
 //
 // Forward (bytes: 2|x| without 'strip', 3|x| with it — the floor):
-//   strip_sums: z_h, z_w (one read of x), then the gate logits (tiny GEMMs in ATen);
+//   strip_sums: z_h, z_w (one read of x), then the gates σ(W z + b) (one small GEMM each, gemm_rows);
 //   forward:    out = Σ_local π_k op_k(x) + π_strip · x · σ(g_h) σ(g_w), one read of x, one write.
 // Backward (5|x|):
 //   strip_sums on grad · x: Σ_j grad·x·σ(g_w) and Σ_i grad·x·σ(g_h), which every element's gradient
-//     depends on through the strip means; the gate gradients from them (ATen);
+//     depends on through the strip means; the gate gradients from them (gemm_rows);
 //   backward: grad x of every candidate at once — avg: box sums of grad / window counts; max: a
 //     gather from the windows whose recomputed argmax is this element (PyTorch's rule: the first
 //     maximum in row-major order, or the last NaN); strip and strip-mean adjoints — and the α
 //     partial sums Σ grad · op_k(x) in the same pass.
 // No atomics; every reduction has a fixed order that depends on the shape alone, and items are
 // cut by shape alone, so results are bitwise identical for any number of threads.
+//
+// Where each candidate lives:
+//   skip      forward_kernel (π_skip · x); backward_kernel (π_skip · grad)
+//   avg3/5/7  horizontal (row sums) then Window over the Ring, divided by window_count;
+//             backward_kernel: box sums of grad / window counts
+//   max3/5/7  horizontal (row maxima and first-argmax columns) then Window; backward_kernel: the
+//             gather from the windows whose argmax is this element
+//   strip     strip_sums (z_h, z_w), strip_gate_values (σ(W z + b)), forward_kernel (π · x · σ_h σ_w);
+//             backward: strip_sums of grad · x, strip_gate_grads, the strip adjoints in backward_kernel
+//   π         Weights; α's partial sums Σ grad · op_k(x) in backward_kernel
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

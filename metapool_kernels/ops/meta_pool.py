@@ -5,7 +5,7 @@
     metapool::meta_pool_backward(grad, x, pi, gates..., z_h, z_w, candidates)
         -> (grad_x, grad_pi, grad_gate_h_weight, grad_gate_h_bias, grad_gate_w_weight, grad_gate_w_bias)
 
-``candidates`` is a comma-joined list of op names (DESIGN.md); ``pi`` their weights softmax(α) in
+``candidates`` is a comma-joined list of op names (docs/DESIGN.md); ``pi`` their weights softmax(α) in
 the compute dtype, or None for a fixed layer (its single op, no weight); the gates are the strip
 candidate's two pointwise Conv1d (None without 'strip'); ``z_h``, ``z_w`` the strip means, returned
 so the backward need not recompute them (``(N, C, 0)`` without 'strip'). The output keeps a

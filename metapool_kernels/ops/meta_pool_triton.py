@@ -3,7 +3,7 @@ kernels (registered in :mod:`metapool_kernels.ops.meta_pool`, which also holds t
 docs, fake kernels and autograd). Without a GPU they run on CPU tensors in Triton's interpreter
 (``TRITON_INTERPRET=1``) through :func:`metapool_kernels.ops.meta_pool.triton_on_cpu`.
 
-Forward (DESIGN.md budget 5·|x|, floor 3·|x|; this moves 3·|x| with 'strip', 2·|x| without):
+Forward (docs/DESIGN.md budget 5·|x|, floor 3·|x|; this moves 3·|x| with 'strip', 2·|x| without):
   pass 1, only with 'strip' (``_strip_reduce_kernel``): the strip sums of x (reads x once).
   the strip gates: two tiny pointwise convs on the strip means and their sigmoids (torch).
   pass 2 (``_meta_pool_forward_kernel``): one read of x computes every local candidate present
@@ -16,6 +16,16 @@ Backward (budget 6·|x|; this moves 5·|x| with 'strip', 3·|x| without):
     box sums of grad / window counts; max adjoint = a gather from the neighbouring windows whose
     recomputed argmax is this element; strip and strip-mean adjoints), and the α partial sums
     Σ grad · op_k(x) (as Σ x · adjoint_k(grad)) in the same pass.
+
+Where each candidate lives:
+  skip      ``_meta_pool_forward_kernel`` (π_skip · x); ``_meta_pool_backward_kernel`` (π_skip · grad)
+  avg3/5/7  ``_row_partials`` (row sums), the ring's column sums / ``_window_count``; backward:
+            ``_box_sum`` of grad / window counts
+  max3/5/7  ``_row_partials`` (row maxima), ``_ring_max``, ``_argmax_row``; backward: ``_max_adjoint``
+  strip     ``_strip_reduce_kernel`` (z_h, z_w), ``_gate_logits`` (the gate convs, torch), the
+            π · x · σ_h σ_w term in the forward kernel; backward: ``_strip_reduce_kernel`` on
+            grad · x, ``_gate_backward``, the strip adjoints in the backward kernel
+  π         ``_weight`` (constexpr slots; a fixed layer's weight is 1)
 
 How the kernels walk a plane: each program owns PB channels of one sample, a tile of columns, and
 a chunk of rows it visits one by one; a [PB, BLOCK] register tile is one row of those channels.
