@@ -174,7 +174,9 @@ def _plan(enhancer, names: Sequence[str], candidates: Sequence[str], seed: int) 
                      f"{list(PAPER_CANDIDATES)}, or a genotype")
 
 
-def _init_attention(module: nn.Module) -> None:
+def init_new_modules(module: nn.Module) -> None:
+    """torchvision's MobileNetV2 initialisation (Kaiming fan-out convs, unit norms), for modules
+    added to a network."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -201,7 +203,7 @@ def _build(what: str, channels: int, candidates: Sequence[str], fused: bool) -> 
     if what in ("se", "cbam"):
         from .models import attention_enhancer  # timm's modules, imported only when asked for
         module = attention_enhancer(what, channels)
-        _init_attention(module)
+        init_new_modules(module)
         return module
     return fixed_layer(what, channels, fused)
 

@@ -34,7 +34,7 @@ from timm.layers.selective_kernel import SelectiveKernel
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .insert import EnhancedBlock, insert_enhancers
+from .insert import EnhancedBlock, init_new_modules as _init_new, insert_enhancers
 from .reference import PAPER_CANDIDATES, MetaPooling
 
 __all__ = [
@@ -185,18 +185,6 @@ def attention_enhancer(name: str, channels: int) -> nn.Module:
     if name == "cbam":
         return CbamModule(channels, rd_ratio=SE_RD_RATIO, rd_divisor=1, mlp_bias=True)
     raise ValueError(f"unknown attention enhancer {name!r}")
-
-
-def _init_new(module: nn.Module) -> None:
-    """torchvision's MobileNetV2 initialisation, for the convs and norms added here."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def _check_build_args(width_mult, num_classes, in_chans, small_input, fused, seed) -> None:
