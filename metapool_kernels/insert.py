@@ -65,7 +65,7 @@ def find_blocks(model: nn.Module, blocks: BlockSpec = None) -> List[str]:
     blocks: None (the known block classes of torchvision and timm, outermost only), a list of
     module names, or a predicate ``(name, module) -> bool``.
     """
-    enhanced = [n for n, m in model.named_modules() if isinstance(m, EnhancedBlock)]
+    enhanced = block_names(model)
     if enhanced:
         raise ValueError(f"the model already has enhancers after its blocks ({enhanced[0]!r}, ...); "
                          "insert them into the network without them")

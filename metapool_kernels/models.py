@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -144,23 +143,16 @@ def load_genotype(path: Union[str, os.PathLike]) -> List[str]:
 # --------------------------------------------------------------------------------------------
 # Building.
 # --------------------------------------------------------------------------------------------
-def _genotype_for(enhancer, candidates: Sequence[str], seed: int) -> Optional[List[str]]:
-    """The fixed op per block for pooling enhancers; None for 'meta' and the non-pooling ones."""
+def _check_enhancer(enhancer, candidates: Sequence[str]) -> None:
+    """Refuse what MobileNetV2 cannot be built with, in its own terms (17 blocks); insert_enhancers
+    then expands the name into one enhancer per block."""
     if not isinstance(enhancer, str):
-        return check_genotype(enhancer)
-    if enhancer not in ENHANCERS:
+        check_genotype(enhancer)
+    elif enhancer not in ENHANCERS:
         raise ValueError(f"unknown enhancer {enhancer!r}; use one of {list(ENHANCERS)} or a genotype "
                          f"(a list of {NUM_BLOCKS} op names from {list(PAPER_CANDIDATES)})")
-    fixed = {"maxpool": "max3", "avgpool": "avg3", "strip": "strip"}
-    if enhancer in fixed:
-        return [fixed[enhancer]] * NUM_BLOCKS
-    if enhancer == "random":
-        candidates = check_genotype(candidates, length=None)
-        if not candidates:
-            raise ValueError("enhancer='random' needs at least one candidate")
-        rng = random.Random(seed)
-        return [rng.choice(candidates) for _ in range(NUM_BLOCKS)]
-    return None
+    elif enhancer == "random" and not check_genotype(candidates, length=None):
+        raise ValueError("enhancer='random' needs at least one candidate")
 
 
 def _depthwise_index(block: nn.Module) -> int:
@@ -222,8 +214,8 @@ def mobilenet_v2(enhancer: Union[str, Sequence[str]] = "meta", width_mult: float
         seed: the draw of 'random'.
     """
     _check_build_args(width_mult, num_classes, in_chans, small_input, fused, seed)
-    genotype = _genotype_for(enhancer, candidates, seed)
-    name = enhancer if genotype is None else "genotype"
+    _check_enhancer(enhancer, candidates)
+    name = enhancer if isinstance(enhancer, str) else "genotype"
     model = torchvision.models.mobilenet_v2(weights=None, width_mult=width_mult, num_classes=num_classes)
 
     stem = model.features[0][0]
@@ -249,7 +241,7 @@ def mobilenet_v2(enhancer: Union[str, Sequence[str]] = "meta", width_mult: float
                 layers.insert(k + 1, attn)
             block.conv = nn.Sequential(*layers)
     # The enhancers after the blocks: the same mechanism as for any other network.
-    after = genotype if genotype is not None else ("none" if name in ("sk", "coordatt") else name)
+    after = "none" if name in ("sk", "coordatt") else enhancer
     insert_enhancers(model, after, candidates, blocks=BLOCK_NAMES, fused=fused, seed=seed,
                      channels=[model.features[i + 1].out_channels for i in range(NUM_BLOCKS)])
     return model

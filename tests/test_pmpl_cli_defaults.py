@@ -58,8 +58,9 @@ def test_top5_is_shown_only_with_more_than_five_classes(classes, shown):
 
 
 def test_loader_processes_fit_the_machine():
+    assert [runtime.default_workers(c) for c in (1, 2, 3, 4, 16)] == [1, 2, 3, 4, 4]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert 1 <= runtime.DEFAULT_WORKERS <= min(4, cores)
+    assert runtime.DEFAULT_WORKERS == runtime.default_workers(cores)
     assert cli.build_parser().parse_args(["retrain"]).workers == runtime.DEFAULT_WORKERS
 
 

@@ -44,8 +44,13 @@ class DistEnv:
         return self.rank == 0
 
 
-# Data-loading processes: 4, or fewer on a machine with fewer cores (DataLoader warns above that).
-DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+def default_workers(cores: int) -> int:
+    """Data-loading processes: 4, or fewer on a machine with fewer cores (DataLoader warns above that)."""
+    return max(1, min(4, cores))
+
+
+DEFAULT_WORKERS = default_workers(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else (os.cpu_count() or 1))
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
