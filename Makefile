@@ -58,7 +58,7 @@ demo: build data
 # run again to resume).
 ABLATION_JOBS ?= 2
 ablation: build data
-	$(PY) -m metapool_kernels.pmpl ablation --jobs $(ABLATION_JOBS) --report bench/results/ablation
+	$(PY) -m experiments.ablation --jobs $(ABLATION_JOBS) --report bench/results/ablation
 
 # Every suite on the device present (CUDA if torch sees one), one JSON into bench/results/, then
 # bench/RESULTS.md from all of them. Knobs: BENCH_SCOPE=smoke|quick|default|full, BENCH_THREADS (thread counts, e.g. 1,all — the default),

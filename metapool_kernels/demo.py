@@ -11,8 +11,9 @@ budget is tiny next to the paper's (30 epochs of ImageNet), so the demo raises �
 lowers ρ to let Eq. 4 fix layers within it; the CLI keeps the paper's values. A genotype decided
 that early is noise, and one seed of a short retraining cannot rank enhancers, so the demo retrains
 a Random genotype beside the PMPL one and the plain network, says what the table can and cannot
-show, and points to the ablation (``python -m metapool_kernels.pmpl ablation``: every variant of
-the paper's Table 3, three seeds, mean ± std), whose committed results it prints when present.
+show, and points to the ablation (``make ablation`` in the repository, experiments/ablation: every
+variant of the paper's Table 3, three seeds, mean ± std), whose committed results it prints when run
+from the repository's root.
 Each demo writes into a fresh folder, METAPOOL_DEMO_OUT/<date-time> (default runs/demo/<date-time>),
 so it never writes over an earlier demo's results.
 Environment: METAPOOL_DEMO_PROFILE (cpu, gpu, tiny) and METAPOOL_DEMO_OUT (default runs/demo).
@@ -30,8 +31,9 @@ import torch
 from .pmpl.search import SearchConfig, run_search
 from .pmpl.train import TrainConfig, accuracy_table, result_row, run_train
 
-# The ablation's committed results (python -m metapool_kernels.pmpl ablation --report ...).
-ABLATION_REPORT = Path(__file__).resolve().parent.parent / "bench" / "results" / "ablation"
+# The ablation's committed results, where `make demo` runs (the repository's root); an installed
+# package without the repository around it just points to the experiment.
+ABLATION_REPORT = Path("bench") / "results" / "ablation"
 
 PROFILES: Dict[str, Dict[str, Any]] = {
     # 2 idle CPU cores: about 5 minutes (8 on one core; much longer when other jobs share the cores).
@@ -187,8 +189,8 @@ def what_this_shows(retrain_epochs: int, search_steps: int, report_dir: Path = A
                   f"  details, budget and reading: {report_dir / 'RESULTS.md'}"]
     else:
         lines += ["The comparison with seeds (the paper's Table 3 on Fashion-MNIST, three seeds, mean ± std):",
-                  "  python -m metapool_kernels.pmpl ablation --jobs 2 --report bench/results/ablation   (≈2.5 h, 2 cores;",
-                  f"  no results are committed in {report_dir} yet)"]
+                  "  make ablation   (experiments/ablation in the repository; ≈2.5 h on 2 cores;",
+                  f"  no results found in {report_dir})"]
     return lines
 
 

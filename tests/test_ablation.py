@@ -7,11 +7,18 @@ import math
 import statistics
 from pathlib import Path
 
+import sys
+
 import pytest
 
-from metapool_kernels.pmpl import ablation
-from metapool_kernels.pmpl import ablation_report as report
 from metapool_kernels.pmpl.progress import progress
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # experiments/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from experiments.ablation import report  # noqa: E402
+from experiments.ablation import run as ablation  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,9 +257,9 @@ def test_list_schedule_and_the_order_the_jobs_start_runs(tmp_path):
 
 
 def test_cli_rejects_an_unknown_variant(capsys):
-    from metapool_kernels.pmpl.cli import main
+    from experiments.ablation.run import main
 
-    assert main(["ablation", "--variants", "none,bogus", "--estimate"]) == 2
+    assert main(["--variants", "none,bogus", "--estimate"]) == 2
     assert "unknown variant(s) ['bogus']" in capsys.readouterr().err
 
 
@@ -288,10 +295,10 @@ def test_estimate_adds_up_every_run(tmp_path):
 
 
 def test_cli_help_lists_the_budget_knobs(capsys):
-    from metapool_kernels.pmpl.cli import main
+    from experiments.ablation.run import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["ablation", "--help"])
+        main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--budget", "--estimate", "--retrain-epochs", "--search-epochs", "--seeds", "--report", "--out"):

@@ -348,7 +348,8 @@ def write_checkpoint(path, kind: str = "train"):
     """A retrain checkpoint of the small derived network on Fashion-MNIST."""
     import dataclasses
 
-    from metapool_kernels.pmpl.runtime import CHECKPOINT_ENTRIES, CHECKPOINT_VERSION, model_config, save_checkpoint
+    from metapool_kernels.pmpl.networks import model_config
+    from metapool_kernels.pmpl.runs import CHECKPOINT_ENTRIES, CHECKPOINT_VERSION, save_checkpoint
     from metapool_kernels.pmpl.train import TrainConfig
 
     config = model_config(ALL_OPS_GENOTYPE, width_mult=0.35, num_classes=10, in_chans=1, small_input=True,

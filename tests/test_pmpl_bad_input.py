@@ -15,7 +15,7 @@ import torch
 
 from metapool_kernels.models import meta_layers
 from metapool_kernels.pmpl import data as pdata
-from metapool_kernels.pmpl import runtime
+from metapool_kernels.pmpl import runs
 from metapool_kernels.pmpl.cli import build_parser, main as cli_main, _config
 from metapool_kernels.pmpl.search import SearchConfig, run_search
 from metapool_kernels.pmpl.train import TrainConfig, run_eval, run_train
@@ -240,7 +240,7 @@ def test_overwrite_replaces_the_run_files_only(searched, tmp_path):
     left = snapshot(folder)
     # No stale genotype or plot from the search beside the retraining's checkpoint; foreign files stay.
     assert set(left) == {"checkpoint.pt", "log.jsonl", "notes.txt"} and left["notes.txt"] == b"mine"
-    assert runtime.load_checkpoint(folder / "checkpoint.pt")["kind"] == "train"
+    assert runs.load_checkpoint(folder / "checkpoint.pt")["kind"] == "train"
     assert '"kind": "train"' in left["log.jsonl"].decode() and '"kind": "search"' not in left["log.jsonl"].decode()
 
 
@@ -306,7 +306,7 @@ SEARCH_MUTATIONS = {
     ("config.rho", "rho must be a number in \\(0, 1\\]"), ("config.missing", "lacks the fields \\['lr'\\]"),
 ])
 def test_a_broken_search_checkpoint_is_named_on_resume(label, match, searched, tmp_path):
-    good = runtime.load_checkpoint(searched / "checkpoint.pt")
+    good = runs.load_checkpoint(searched / "checkpoint.pt")
     bad = tmp_path / "bad.pt"
     torch.save(SEARCH_MUTATIONS[label](good), bad)
     with pytest.raises(ValueError, match=f"{bad}: .*{match}"):
@@ -438,7 +438,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)
     run_train(train_config(out, width=0.35, enhancer="avgpool"), data=synthetic_bundle(n=32), **QUIET)
-    return out / "checkpoint.pt", runtime.load_checkpoint(out / "checkpoint.pt")
+    return out / "checkpoint.pt", runs.load_checkpoint(out / "checkpoint.pt")
 
 
 def image_folder(root: Path) -> Path:
@@ -472,7 +472,7 @@ def test_bad_checkpoints_are_refused_before_use(change, match, trained, tmp_path
     bad = tmp_path / "bad.pt"
     torch.save({**good, **change}, bad)
     with pytest.raises(ValueError, match=match):
-        runtime.load_checkpoint(bad)
+        runs.load_checkpoint(bad)
     rc, err = cli(["eval", bad, "--device", "cpu"], capsys)
     assert rc == 2 and str(bad) in err
 
@@ -545,18 +545,18 @@ def test_checkpoint_loader_fuzz(trained, tmp_path):
     for blob in blobs:
         bad.write_bytes(blob)
         with pytest.raises(ValueError, match=str(bad)):
-            runtime.load_checkpoint(bad)
+            runs.load_checkpoint(bad)
     for value in ([1, 2], "text", 3.5, None, (1,)):
         torch.save(value, bad)
         with pytest.raises(ValueError, match="not a metapool_kernels.pmpl checkpoint"):
-            runtime.load_checkpoint(bad)
+            runs.load_checkpoint(bad)
     # Every entry of the wrong type (on a checkpoint without weights, which the loader need not read).
     light = {**good, "model": {}, "opt": {}, "sched": {}, "rng": [], "history": [], "data": {}}
     for key in good:
         for value in (None, 42, "x", {}, [], torch.zeros(2), 1.5, True):
             torch.save({**light, key: value}, bad)
             try:
-                runtime.load_checkpoint(bad)
+                runs.load_checkpoint(bad)
             except ValueError as e:
                 assert str(bad) in str(e), (key, value, e)
             else:  # accepted: then the value has the entry's type

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from metapool_kernels.models import NUM_BLOCKS
-from metapool_kernels.pmpl import cli, runtime
+from metapool_kernels.pmpl import cli, runs
+from metapool_kernels.pmpl.metrics import evaluate
 from metapool_kernels.pmpl.cli import main as cli_main
 from metapool_kernels.pmpl.train import accuracy_table
 
@@ -58,10 +59,10 @@ def test_top5_is_shown_only_with_more_than_five_classes(classes, shown):
 
 
 def test_loader_processes_fit_the_machine():
-    assert [runtime.default_workers(c) for c in (1, 2, 3, 4, 16)] == [1, 2, 3, 4, 4]
+    assert [runs.default_workers(c) for c in (1, 2, 3, 4, 16)] == [1, 2, 3, 4, 4]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert runtime.DEFAULT_WORKERS == runtime.default_workers(cores)
-    assert cli.build_parser().parse_args(["retrain"]).workers == runtime.DEFAULT_WORKERS
+    assert runs.DEFAULT_WORKERS == runs.default_workers(cores)
+    assert cli.build_parser().parse_args(["retrain"]).workers == runs.DEFAULT_WORKERS
 
 
 def test_layers_chosen_by_noise_are_named():
@@ -81,5 +82,5 @@ def test_evaluate_needs_no_distributed_setup():
     import torch
     from test_pmpl import TinyNet, synthetic_bundle
     torch.manual_seed(0)
-    metrics = runtime.evaluate(TinyNet(), synthetic_bundle().test)
+    metrics = evaluate(TinyNet(), synthetic_bundle().test)
     assert metrics["samples"] == 96 and metrics["classes"] == 4 and 0 <= metrics["top1"] <= 100

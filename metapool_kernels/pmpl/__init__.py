@@ -3,8 +3,12 @@
 - :mod:`.data`: Fashion-MNIST (default) and ImageFolder loaders, the train/meta split of Eq. 3.
 - :mod:`.search`: the first-order bi-level search with progressive early stopping (Eq. 3-4).
 - :mod:`.train`: retraining a genotype or a baseline from scratch; evaluation.
-- :mod:`.ablation`: the paper's Table 3 on Fashion-MNIST, several seeds (report: :mod:`.ablation_report`).
-- :mod:`.cli`: ``python -m metapool_kernels.pmpl search|retrain|eval|ablation``.
+- :mod:`.networks`: the network a run trains (the package's MobileNetV2, a timm or torchvision model,
+  or one's own), described in checkpoints and genotype files.
+- :mod:`.runs`, :mod:`.distributed`, :mod:`.metrics`: run folders and checkpoints, processes and
+  RNG state, top-1/top-5 evaluation.
+- :mod:`.cli`: ``python -m metapool_kernels.pmpl search|retrain|eval|export``.
+The paper's Table 3 ablation is an experiment beside the library: experiments/ablation.
 """
 import importlib
 
@@ -29,7 +33,8 @@ if _MISSING:
         "(or pip install torchvision timm tqdm matplotlib)")
 
 from .search import SearchConfig, SearchResult, bilevel_step, progressive_early_stopping, run_search  # noqa: E402
+from .metrics import evaluate  # noqa: E402
 from .train import TrainConfig, TrainResult, run_eval, run_train  # noqa: E402
 
-__all__ = ["SearchConfig", "SearchResult", "TrainConfig", "TrainResult", "bilevel_step",
+__all__ = ["SearchConfig", "SearchResult", "TrainConfig", "TrainResult", "bilevel_step", "evaluate",
            "progressive_early_stopping", "run_eval", "run_search", "run_train"]

@@ -1,4 +1,4 @@
-"""``python -m metapool_kernels.pmpl search|retrain|eval|export|ablation``: the PMPL command line.
+"""``python -m metapool_kernels.pmpl search|retrain|eval|export``: the PMPL command line.
 
 Defaults are the paper's §3.1 settings. Under ``torchrun --nproc_per_node=N`` every command runs on
 N processes with DistributedDataParallel (nccl on CUDA, gloo on CPU); ``--batch-size`` stays the
@@ -17,7 +17,7 @@ from typing import List, NoReturn, Optional
 from ..reference import PAPER_CANDIDATES
 from .checks import (BELOW_ONE, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_UNIT, POSITIVE, POSITIVE_INT, SEED,
                      UP_TO_ONE)
-from .runtime import one_line
+from .runs import one_line
 from .export import DEFAULT_ATOL
 from .search import SearchConfig
 from .train import TrainConfig
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Progressive Meta-Pooling Learning (PMPL): search the enhancer of every MobileNetV2 block, "
                     "retrain the derived network from scratch, evaluate it.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval,export,ablation}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval,export}")
 
     sd = SearchConfig()
     ps = sub.add_parser("search", help="PMPL search (Algorithm 1); writes genotype.json and alpha_history.png",
@@ -185,8 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--data-dir", default=None, help="override the data set the checkpoint was trained on")
     px.add_argument("--atol", type=float, default=DEFAULT_ATOL, metavar="TOL",
                     help="largest logit difference accepted between ONNX Runtime and PyTorch (default %(default)g)")
-    from .ablation import add_subparser as add_ablation
-    add_ablation(sub)
     return parser
 
 
@@ -252,9 +250,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "export":
             from .export import export_checkpoint
             export_checkpoint(args.checkpoint, args.out, images=args.images, data_dir=args.data_dir, atol=args.atol)
-        elif args.command == "ablation":
-            from .ablation import main as run_ablation
-            run_ablation(args)
         else:
             from .train import run_eval
             run_eval(args.checkpoint, data_dir=args.data_dir, test_subset=args.test_subset,

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ..export import onnx_op_types, to_onnx
-from . import runtime
+from . import networks, runs
 from .data import build_data
 
 # Logits of ONNX Runtime and PyTorch may differ by float32 rounding, which grows with depth; a
@@ -41,11 +41,11 @@ def export_checkpoint(checkpoint: str, out: str, *, images: int = 1000, batch_si
     import onnx
     import onnxruntime
 
-    ckpt = runtime.load_checkpoint(checkpoint, kind="train")
+    ckpt = runs.load_checkpoint(checkpoint, kind="train")
     if not ckpt.get("model_config"):
         raise ValueError(f"{checkpoint} was written for a custom model; export it with metapool_kernels.export.to_onnx")
     cfg = ckpt["config"]
-    model = runtime.build_model(ckpt["model_config"])
+    model = networks.build_model(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     model.eval()
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..models import alpha_parameters, derive, meta_layers, weight_parameters
 from ..reference import MetaPooling
-from . import runtime
+from . import distributed, networks, runs
 from .checks import BELOW_ONE, FLAG, NON_NEGATIVE, NON_NEGATIVE_INT, OPEN_UNIT, POSITIVE, POSITIVE_INT, UP_TO_ONE, Rule
 from .data import DataBundle
 from .progress import progress
@@ -42,7 +42,7 @@ from .report import genotype_table, plot_alpha_history
 
 
 @dataclass
-class SearchConfig(runtime.RunConfig):
+class SearchConfig(runs.RunConfig):
     """Everything a search depends on. Defaults are the paper's §3.1 settings."""
     meta_fraction: float = 0.5
     epochs: int = 30
@@ -58,7 +58,7 @@ class SearchConfig(runtime.RunConfig):
     history_points: int = 50
 
     RULES: ClassVar[Dict[str, Rule]] = {
-        **runtime.RunConfig.RULES, "meta_fraction": OPEN_UNIT, "alpha_lr": POSITIVE,
+        **runs.RunConfig.RULES, "meta_fraction": OPEN_UNIT, "alpha_lr": POSITIVE,
         "alpha_weight_decay": NON_NEGATIVE, "rho": UP_TO_ONE, "fresh_train_grad": FLAG,
         "grad_clip": POSITIVE.optional(), "history_points": POSITIVE_INT,
     }
@@ -261,7 +261,7 @@ def fixed_codes(layers: Sequence[MetaPooling], device) -> torch.Tensor:
                         dtype=torch.long, device=device)
 
 
-def verify_fixed(layers: Sequence[MetaPooling], env: runtime.DistEnv) -> None:
+def verify_fixed(layers: Sequence[MetaPooling], env: distributed.DistEnv) -> None:
     """Every process must hold the same fixed set; fixing is decided locally from α, so check it."""
     if not env.distributed:
         return
@@ -274,7 +274,7 @@ def verify_fixed(layers: Sequence[MetaPooling], env: runtime.DistEnv) -> None:
                            f"(here {codes.tolist()}, max {hi.tolist()}, min {(-neg_lo).tolist()})")
 
 
-def verify_alphas(layers: Sequence[MetaPooling], env: runtime.DistEnv) -> None:
+def verify_alphas(layers: Sequence[MetaPooling], env: distributed.DistEnv) -> None:
     """α must be bitwise identical on every process (rank 0's copy is the reference)."""
     if not env.distributed:
         return
@@ -296,7 +296,7 @@ def unused_parameter_names(model: nn.Module) -> List[str]:
     return names
 
 
-def wrap_ddp(model: nn.Module, env: runtime.DistEnv) -> nn.Module:
+def wrap_ddp(model: nn.Module, env: distributed.DistEnv) -> nn.Module:
     """DDP for the θ that the forward uses.
 
     α is left out: it gets its gradient outside DDP's forward and :func:`bilevel_step` averages it.
@@ -325,16 +325,16 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
     interruption would; ``cfg.resume`` continues from a checkpoint.
     """
     t_start = time.perf_counter()
-    cfg, ckpt, env, log, folder, logger = runtime.start_run(cfg, "search", log)
+    cfg, ckpt, env, log, folder, logger = runs.start_run(cfg, "search", log)
     if data is None:
-        data = runtime.run_data(cfg, env, cfg.meta_fraction)
+        data = runs.run_data(cfg, env, cfg.meta_fraction)
     if data.meta is None:
         raise ValueError("the search needs a meta split (D_mt of Eq. 3); build the data with a meta_fraction")
     model_cfg = None
     if model is None:
-        model_cfg = runtime.run_model_config(cfg, "meta", data)
-        model = runtime.build_model(model_cfg)
-    fmt = runtime.memory_format(cfg.channels_last, env.device)
+        model_cfg = networks.run_model_config(cfg, "meta", data)
+        model = networks.build_model(model_cfg)
+    fmt = distributed.memory_format(cfg.channels_last, env.device)
     model.to(env.device, memory_format=fmt)
     layers = meta_layers(model)
     if not layers:
@@ -349,16 +349,16 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
     state = SearchState()
 
     if ckpt is not None:
-        with runtime.restoring(cfg.resume, "the search"):
+        with runs.restoring(cfg.resume, "the search"):
             model.load_state_dict(ckpt["model"])
-            runtime.restore_optimizer(w_opt, ckpt["w_opt"], "w_opt")
-            runtime.restore_optimizer(a_opt, ckpt["a_opt"], "a_opt")
-            runtime.restore_scheduler(sched, ckpt["sched"], "sched")
+            runs.restore_optimizer(w_opt, ckpt["w_opt"], "w_opt")
+            runs.restore_optimizer(a_opt, ckpt["a_opt"], "a_opt")
+            runs.restore_scheduler(sched, ckpt["sched"], "sched")
             state = SearchState(**ckpt["state"])
             if [m.fixed for m in layers] != ckpt["fixed"]:
                 raise ValueError("the restored fixed set disagrees with the checkpoint's record")
-            if not runtime.restore_rng_states(ckpt["rng"], env):
-                runtime.seed_everything(cfg.seed + 7919 * state.epoch + env.rank)
+            if not distributed.restore_rng_states(ckpt["rng"], env):
+                distributed.seed_everything(cfg.seed + 7919 * state.epoch + env.rank)
         log(f"resumed from {cfg.resume}: epoch {state.epoch}, step {state.step}, "
             f"{sum(m.fixed is not None for m in layers)}/{len(layers)} layers fixed")
     else:
@@ -366,7 +366,7 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
         torch.manual_seed(cfg.seed + 1 + env.rank)
         logger.log("start", kind="search", config=dataclasses.asdict(cfg), world_size=env.world_size,
                    device=str(env.device), data=data.describe(), steps_per_epoch=steps_per_epoch,
-                   **runtime.describe_model(model, data.in_chans, data.image_size))
+                   **networks.describe_model(model, data.in_chans, data.image_size))
         log(f"PMPL search on {env.device} x{env.world_size}: {data.describe()}")
         log(f"  {len(layers)} Meta-Pooling layers over {list(cfg.candidates)}; {cfg.epochs} epochs x "
             f"{steps_per_epoch} steps, ρ={cfg.rho}, α: Adam lr {cfg.alpha_lr} wd {cfg.alpha_weight_decay}, "
@@ -436,9 +436,9 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
         if cfg.fix_every == "epoch":
             fix_now(epoch)
         verify_alphas(layers, env)
-        runtime.broadcast_buffers(model, env)
+        distributed.broadcast_buffers(model, env)
         n = max(sums.pop("n"), 1)
-        means = runtime.all_reduce_sum([v / n for v in sums.values()], env)
+        means = distributed.all_reduce_sum([v / n for v in sums.values()], env)
         means = {k: v / env.world_size for k, v in zip(sums, means)}
         state.epoch = epoch + 1
         epochs_run += 1
@@ -457,11 +457,11 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
             "kind": "search", "version": 1, "config": dataclasses.asdict(cfg), "model_config": model_cfg,
             "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
             "sched": sched.state_dict(), "state": dataclasses.asdict(state), "fixed": [m.fixed for m in layers],
-            "rng": runtime.gather_rng_states(env), "world_size": env.world_size,
+            "rng": distributed.gather_rng_states(env), "world_size": env.world_size,
             "data": {"train": data.train.state_dict(), "meta": data.meta.state_dict()},
         }
         if env.is_main:
-            runtime.save_checkpoint(ckpt_state, folder.file("checkpoint.pt"))
+            runs.save_checkpoint(ckpt_state, folder.file("checkpoint.pt"))
 
     result = _finish(cfg, model, layers, state, steps_per_epoch, data, env, folder, logger, log, t_start, model_cfg)
     result.alpha_optimizer_state = a_opt.state_dict()

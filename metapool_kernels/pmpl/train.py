@@ -19,7 +19,8 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import runtime
+from . import distributed, networks, runs
+from .metrics import evaluate
 from .checks import BELOW_ONE, NON_NEGATIVE_INT, PATH, POSITIVE_INT, TEXT, Rule
 from .data import DataBundle, build_data
 from .progress import progress
@@ -27,7 +28,7 @@ from .report import format_table
 
 
 @dataclass
-class TrainConfig(runtime.RunConfig):
+class TrainConfig(runs.RunConfig):
     """A retraining run. Give ``genotype`` (a genotype JSON path) or ``enhancer`` (a name)."""
     genotype: Optional[str] = None
     enhancer: Optional[str] = None
@@ -36,9 +37,9 @@ class TrainConfig(runtime.RunConfig):
     out_dir: str = "runs/retrain"
     eval_every: int = 1
 
-    RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = runtime.RunConfig.RUNTIME_FIELDS + ("eval_every",)
+    RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = runs.RunConfig.RUNTIME_FIELDS + ("eval_every",)
     RULES: ClassVar[Dict[str, Rule]] = {
-        **runtime.RunConfig.RULES, "genotype": PATH.optional(), "enhancer": TEXT.optional(),
+        **runs.RunConfig.RULES, "genotype": PATH.optional(), "enhancer": TEXT.optional(),
         "label_smoothing": BELOW_ONE, "eval_every": NON_NEGATIVE_INT,
     }
 
@@ -90,10 +91,10 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
               name: Optional[str] = None, stop_after_epochs: Optional[int] = None, log=print) -> TrainResult:
     """Train from scratch, checkpoint every epoch, evaluate top-1/top-5 on the test split."""
     t_start = time.perf_counter()
-    cfg, ckpt, env, log, folder, logger = runtime.start_run(cfg, "train", log)
+    cfg, ckpt, env, log, folder, logger = runs.start_run(cfg, "train", log)
     enhancer = None
     if ckpt and ckpt.get("model_config"):
-        with runtime.restoring(cfg.resume, "the network"):
+        with runs.restoring(cfg.resume, "the network"):
             enhancer = ckpt["model_config"]["enhancer"]
     if model is None and enhancer is None:
         enhancer = resolve_enhancer(cfg)
@@ -107,34 +108,34 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
                 "MobileNetV2 + genotype" if isinstance(enhancer, list) else f"MobileNetV2 + {enhancer}")
 
     if data is None:
-        data = runtime.run_data(cfg, env, None)
+        data = runs.run_data(cfg, env, None)
     model_cfg = None
     if model is None:
-        model_cfg = runtime.run_model_config(cfg, enhancer, data)
+        model_cfg = networks.run_model_config(cfg, enhancer, data)
         # A resumed enhancer comes from the checkpoint: a bad one is the file's fault.
-        with runtime.restoring(cfg.resume, "the network") if ckpt else contextlib.nullcontext():
-            model = runtime.build_model(model_cfg)
-    fmt = runtime.memory_format(cfg.channels_last, env.device)
+        with runs.restoring(cfg.resume, "the network") if ckpt else contextlib.nullcontext():
+            model = networks.build_model(model_cfg)
+    fmt = distributed.memory_format(cfg.channels_last, env.device)
     model.to(env.device, memory_format=fmt)
-    info = runtime.describe_model(model, data.in_chans, data.image_size)
+    info = networks.describe_model(model, data.in_chans, data.image_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(data.train)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     epoch, history = 0, []
     if ckpt is not None:
-        with runtime.restoring(cfg.resume, "the training run"):
+        with runs.restoring(cfg.resume, "the training run"):
             model.load_state_dict(ckpt["model"])
-            runtime.restore_optimizer(opt, ckpt["opt"], "opt")
-            runtime.restore_scheduler(sched, ckpt["sched"], "sched")
+            runs.restore_optimizer(opt, ckpt["opt"], "opt")
+            runs.restore_scheduler(sched, ckpt["sched"], "sched")
             epoch, history = ckpt["epoch"], ckpt["history"]
             NON_NEGATIVE_INT.check("epoch", epoch)
             if epoch > cfg.epochs:
                 raise ValueError(f"it is at epoch {epoch} of a run of {cfg.epochs}")
             if not all(isinstance(h, dict) and isinstance(h.get("test", {}), dict) for h in history):
                 raise ValueError("history must be a list of dicts")
-            if not runtime.restore_rng_states(ckpt["rng"], env):
-                runtime.seed_everything(cfg.seed + 7919 * epoch + env.rank)
+            if not distributed.restore_rng_states(ckpt["rng"], env):
+                distributed.seed_everything(cfg.seed + 7919 * epoch + env.rank)
         log(f"resumed {name} from {cfg.resume} at epoch {epoch}")
     else:
         torch.manual_seed(cfg.seed + 1 + env.rank)
@@ -176,15 +177,15 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
             bar.set_postfix_str(f"loss {loss_value:.3f} acc {100.0 * correct / seen:.1f}% "
                                 f"lr {sched.get_last_lr()[0]:.4f}")
         bar.close()
-        runtime.broadcast_buffers(model, env)
-        loss_sum, correct, seen = runtime.all_reduce_sum([loss_sum, correct, seen], env)
+        distributed.broadcast_buffers(model, env)
+        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], env)
         epoch += 1
         epochs_run += 1
         train_acc = 100.0 * correct / max(seen, 1)
         record: Dict[str, Any] = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "acc": train_acc,
                                   "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t_epoch, 2)}
         if epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0):
-            metrics = runtime.evaluate(model, data.test, env, progress=cfg.progress, fmt=fmt)
+            metrics = evaluate(model, data.test, env, progress=cfg.progress, fmt=fmt)
             record["test"] = metrics
         history.append(record)
         logger.log("epoch", name=name, **record)
@@ -195,12 +196,12 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
             + f"  ({record['seconds']:.0f} s)")
         state = {"kind": "train", "version": 1, "config": dataclasses.asdict(cfg), "model_config": model_cfg,
                  "name": name, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                 "epoch": epoch, "history": history, "rng": runtime.gather_rng_states(env),
+                 "epoch": epoch, "history": history, "rng": distributed.gather_rng_states(env),
                  "world_size": env.world_size, "data": {"train": data.train.state_dict()}}
         if env.is_main:
-            runtime.save_checkpoint(state, folder.file("checkpoint.pt"))
+            runs.save_checkpoint(state, folder.file("checkpoint.pt"))
     if not metrics:
-        metrics = runtime.evaluate(model, data.test, env, progress=cfg.progress, fmt=fmt)
+        metrics = evaluate(model, data.test, env, progress=cfg.progress, fmt=fmt)
     if epoch >= cfg.epochs:
         logger.log("done", name=name, **metrics, **info, seconds=round(time.perf_counter() - t_start, 2))
     ckpt_path = folder / "checkpoint.pt"
@@ -218,14 +219,14 @@ def run_eval(checkpoint: str, *, data_dir: Optional[str] = None, test_subset: Op
     from .search import SearchConfig
 
     POSITIVE_INT.check("batch_size", batch_size)
-    workers = runtime.DEFAULT_WORKERS if workers is None else workers
+    workers = runs.DEFAULT_WORKERS if workers is None else workers
     NON_NEGATIVE_INT.check("workers", workers)
     POSITIVE_INT.optional().check("test_subset", test_subset)
-    ckpt = runtime.load_checkpoint(checkpoint)
-    with runtime.restoring(checkpoint, "the run's config"):
+    ckpt = runs.load_checkpoint(checkpoint)
+    with runs.restoring(checkpoint, "the run's config"):
         cfg = (SearchConfig if ckpt["kind"] == "search" else TrainConfig)(**ckpt["config"])
-    model = runtime.model_from_checkpoint(ckpt, checkpoint)
-    env = runtime.setup_distributed(device)
+    model = networks.model_from_checkpoint(ckpt, checkpoint)
+    env = distributed.setup_distributed(device)
     log = log if env.is_main else (lambda *a, **k: None)
     data = build_data(data_dir=data_dir if data_dir is not None else cfg.data_dir, batch_size=batch_size,
                       meta_fraction=None, test_subset=test_subset, train=False, workers=workers,
@@ -235,10 +236,10 @@ def run_eval(checkpoint: str, *, data_dir: Optional[str] = None, test_subset: Op
     if trained != (data.in_chans, data.num_classes):
         raise ValueError(f"{checkpoint} holds a network for {trained[0]}-channel images in {trained[1]} classes; "
                          f"{data.name} has {data.in_chans}-channel images in {data.num_classes} classes")
-    fmt = runtime.memory_format(None, env.device)
+    fmt = distributed.memory_format(None, env.device)
     model.to(env.device, memory_format=fmt)
-    metrics = runtime.evaluate(model, data.test, env, progress=progress, fmt=fmt)
-    info = runtime.describe_model(model, data.in_chans, data.image_size)
+    metrics = evaluate(model, data.test, env, progress=progress, fmt=fmt)
+    info = networks.describe_model(model, data.in_chans, data.image_size)
     name = ckpt.get("name") or ("PMPL search network" if ckpt["kind"] == "search" else "model")
     log(accuracy_table([{"name": name, **info, **metrics, "epochs": ckpt.get("epoch", ckpt.get("state", {}).get("epoch"))}],
                        title=f"Evaluation of {checkpoint} on {data.name} ({metrics['samples']} test images)"))

@@ -1,14 +1,12 @@
-"""What search and retraining share: device and process group, seeding and RNG state, run folders,
-checkpoints, JSON-lines logs, building a model from its stored description, and top-1/top-5
-evaluation."""
+"""What every run shares: its config, its folder (a run never writes over another's files),
+checkpoints (tensors and plain values only, versioned by one constant), JSON-lines logs and the start
+of a run."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import pickle
-import platform
-import random
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,32 +15,12 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..reference import PAPER_CANDIDATES, check_candidates
 from .checks import (BELOW_ONE, DEVICE, FLAG, NON_NEGATIVE, NON_NEGATIVE_INT, PATH, POSITIVE, POSITIVE_INT, SEED,
                      Rule, check_fields)
 from .data import DataBundle, build_data
-
-
-# ---------------------------------------------------------------------------------------------
-# Device and processes.
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
+from .distributed import DistEnv, seed_everything, setup_distributed
 
 def default_workers(cores: int) -> int:
     """Data-loading processes: 4, or fewer on a machine with fewer cores (DataLoader warns above that)."""
@@ -53,112 +31,6 @@ DEFAULT_WORKERS = default_workers(len(os.sched_getaffinity(0)) if hasattr(os, "s
                                   else (os.cpu_count() or 1))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    DEVICE.check("device", device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: torch sees no CUDA device here; use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
-    return dev
-
-
-def setup_distributed(device: str = "auto") -> DistEnv:
-    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU), or run alone.
-
-    A process group that already exists (a test that spawned its own processes) is used as is.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        return DistEnv(rank, world, local_rank, resolve_device(device, local_rank))
-    if world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = resolve_device(device, local_rank)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
-    return DistEnv(0, 1, 0, resolve_device(device))
-
-
-def broadcast_buffers(model: nn.Module, env: DistEnv) -> None:
-    """Rank 0's BatchNorm statistics everywhere: DDP syncs them before each forward, so after the last
-    forward of an epoch each rank holds statistics updated by its own batch."""
-    if env.distributed:
-        for b in model.buffers():
-            dist.broadcast(b.data, 0)
-
-
-def all_reduce_sum(values: Sequence[float], env: DistEnv) -> List[float]:
-    t = torch.tensor(list(values), dtype=torch.float64, device=env.device)
-    if env.distributed:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-# Seeds and RNG state.
-# ---------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def rng_state() -> Dict[str, Any]:
-    """Every generator's state as tensors and plain values, so that checkpoints load with
-    ``weights_only=True``."""
-    name, key, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "python": random.getstate()}  # (version, tuple of ints, float or None)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    npy = state["numpy"]
-    key = npy["key"]
-    if not isinstance(key, torch.Tensor):
-        raise TypeError(f"numpy's key must be a tensor, got {type(key).__name__}")
-    torch.set_rng_state(state["torch"])
-    np.random.set_state((npy["name"], key.numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gather_rng_states(env: DistEnv) -> List[Dict[str, Any]]:
-    """Every rank's RNG state, on every rank (each rank draws its own dropout masks)."""
-    mine = rng_state()
-    if not env.distributed:
-        return [mine]
-    out: List[Any] = [None] * env.world_size
-    dist.all_gather_object(out, mine)
-    return out
-
-
-def restore_rng_states(states: List[Dict[str, Any]], env: DistEnv) -> bool:
-    """Restore this rank's RNG state; False when the checkpoint came from another world size."""
-    if not states:
-        raise ValueError("the checkpoint holds no RNG state")
-    if len(states) != env.world_size:
-        return False
-    set_rng_state(states[env.rank])
-    return True
-
-
-# ---------------------------------------------------------------------------------------------
-# Run folders, checkpoints and logs.
-# ---------------------------------------------------------------------------------------------
 # The files a run writes into its folder.
 RUN_FILES = ("checkpoint.pt", "checkpoint.pt.tmp", "log.jsonl", "genotype.json", "alpha_history.json",
              "alpha_history.png")
@@ -319,17 +191,6 @@ def run_data(cfg: RunConfig, env: "DistEnv", meta_fraction: Optional[float]) -> 
                       device=env.device)
 
 
-def default_small_input(image_size: int, small_input: Optional[bool]) -> bool:
-    return image_size <= 64 if small_input is None else small_input
-
-
-def run_model_config(cfg: RunConfig, enhancer, data: DataBundle) -> Dict[str, Any]:
-    """The MobileNetV2 a config describes, for ``data``'s images and classes."""
-    return model_config(enhancer, width_mult=cfg.width, num_classes=data.num_classes, in_chans=data.in_chans,
-                        small_input=default_small_input(data.image_size, cfg.small_input),
-                        candidates=cfg.candidates, seed=cfg.seed)
-
-
 CHECKPOINT_VERSION = 1
 # What each kind of checkpoint holds beyond "kind" and "version", and the type of each entry.
 CHECKPOINT_ENTRIES: Dict[str, Dict[str, type]] = {
@@ -460,103 +321,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return repr(obj)
-
-
-# ---------------------------------------------------------------------------------------------
-# Models.
-# ---------------------------------------------------------------------------------------------
-def build_model(model_config: Dict[str, Any]) -> nn.Module:
-    """MobileNetV2 from the description a checkpoint stores (see :func:`model_config`)."""
-    from ..models import mobilenet_v2
-
-    cfg = dict(model_config)
-    return mobilenet_v2(enhancer=cfg.pop("enhancer"), **cfg)
-
-
-def model_from_checkpoint(ckpt: Dict[str, Any], path: Path | str) -> nn.Module:
-    """The network a checkpoint describes (``model_config``), with its saved weights."""
-    if not ckpt.get("model_config"):
-        raise ValueError(f"{path} was written for a custom model; evaluate it with runtime.evaluate")
-    with restoring(path, "the network"):
-        model = build_model(ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-    return model
-
-
-def model_config(enhancer, *, width_mult: float, num_classes: int, in_chans: int, small_input: bool,
-                 candidates: Sequence[str], seed: int) -> Dict[str, Any]:
-    return {"enhancer": list(enhancer) if not isinstance(enhancer, str) else enhancer, "width_mult": width_mult,
-            "num_classes": num_classes, "in_chans": in_chans, "small_input": small_input,
-            "candidates": list(candidates), "seed": seed}
-
-
-def describe_model(model: nn.Module, in_chans: int, image_size: int) -> Dict[str, Any]:
-    """Parameters and multiply-adds of one image (MACs only for the library's MobileNetV2)."""
-    from ..models import count_macs, count_params
-
-    info: Dict[str, Any] = {"params": count_params(model)}
-    try:
-        info["macs"] = count_macs(model, (1, in_chans, image_size, image_size))
-    except Exception:  # a custom model the flop counter cannot trace: leave MACs out
-        info["macs"] = None
-    return info
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation.
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, env: Optional[DistEnv] = None, progress: bool = False, desc: str = "eval",
-             fmt: torch.memory_format = torch.contiguous_format) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader`` (batches of (x, y) on the
-    model's device), summed across processes under ``torchrun``; ``env`` is needed only there."""
-    from .progress import progress as progress_bar
-
-    if env is None:
-        ref = next(iter(model.parameters()), None)
-        env = DistEnv(rank=0, world_size=1, local_rank=0, device=ref.device if ref is not None else torch.device("cpu"))
-
-    was_training = model.training
-    model.eval()
-    loss_sum = correct1 = correct5 = count = 0.0
-    classes = 0
-    try:
-        for x, y in progress_bar(loader, desc, enabled=progress and env.is_main, every=None):
-            logits = model(x.contiguous(memory_format=fmt))
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            classes = logits.shape[1]
-            k = min(5, classes)
-            top = logits.topk(k, dim=1).indices
-            hits = top.eq(y[:, None])
-            correct1 += hits[:, 0].sum().item()
-            correct5 += hits.any(dim=1).sum().item()
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], env)
-    if count == 0:
-        raise ValueError("the evaluation split is empty")
-    # classes: with 5 or fewer, top-5 is 100% by construction and is not shown.
-    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count,
-            "samples": int(count), "classes": int(classes)}
-
-
-def memory_format(channels_last: Optional[bool], device: torch.device) -> torch.memory_format:
-    use = device.type == "cpu" if channels_last is None else channels_last
-    return torch.channels_last if use else torch.contiguous_format
-
-
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"

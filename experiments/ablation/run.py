@@ -1,4 +1,4 @@
-"""Table 3 of the Meta-Pooling paper on Fashion-MNIST: ``python -m metapool_kernels.pmpl ablation``.
+"""Table 3 of the Meta-Pooling paper on Fashion-MNIST: ``python -m experiments.ablation``.
 
 Five variants of MobileNetV2 (small input, width 0.35 by default), each retrained from scratch with
 the same budget on the full training set (60,000 images) and evaluated on the test set (10,000),
@@ -42,6 +42,7 @@ import json
 import math
 import multiprocessing
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -51,11 +52,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..reference import PAPER_CANDIDATES
-from . import ablation_report as report
-from .runtime import cpu_model
-from .search import SearchConfig, run_search
-from .train import TrainConfig, run_train
+from metapool_kernels.reference import PAPER_CANDIDATES
+from . import report
+from bench.common import cpu_model
+from metapool_kernels.pmpl.search import SearchConfig, run_search
+from metapool_kernels.pmpl.train import TrainConfig, run_train
 
 # Table 3's variants, in its column order: key → (label, what it is).
 VARIANTS: Dict[str, Tuple[str, str]] = {
@@ -166,7 +167,7 @@ class Plan:
 
 def make_plan(cfg: AblationConfig) -> Plan:
     """Loader lengths from the real loaders (the split sizes do not depend on the seed)."""
-    from .data import build_data
+    from metapool_kernels.pmpl.data import build_data
 
     retrain = build_data(batch_size=cfg.batch_size, meta_fraction=None, subset=cfg.subset,
                          test_subset=cfg.test_subset, seed=0)
@@ -179,7 +180,7 @@ def make_plan(cfg: AblationConfig) -> Plan:
 
 def layer_map_sizes(cfg: AblationConfig, image_size: int) -> List[int]:
     """The feature-map side after each of the 17 blocks, from one forward of a blank image."""
-    from ..models import mobilenet_v2
+    from metapool_kernels.models import mobilenet_v2
 
     model = mobilenet_v2("avgpool", width_mult=cfg.width, num_classes=10, in_chans=1, small_input=True).eval()
     sizes: List[int] = []
@@ -244,7 +245,7 @@ def _search(cfg: AblationConfig, plan: Plan, seed: int, folder: Path, log) -> Pa
 
 def _random_genotype(cfg: AblationConfig, seed: int, folder: Path) -> Path:
     """The Random variant's draw for ``seed`` (models' 'random' enhancer over skip / avg3 / strip)."""
-    from ..models import derive, mobilenet_v2, save_genotype
+    from metapool_kernels.models import derive, mobilenet_v2, save_genotype
 
     path = folder / "genotype.json"
     if not path.is_file():
@@ -257,7 +258,7 @@ def _random_genotype(cfg: AblationConfig, seed: int, folder: Path) -> Path:
 
 def run_one(cfg: AblationConfig, plan: Plan, variant: str, seed: int, log=print) -> Dict[str, Any]:
     """Search (PMPL), draw (Random), retrain and evaluate one variant for one seed; the result dict."""
-    from ..models import load_genotype
+    from metapool_kernels.models import load_genotype
 
     folder = run_dir(cfg, variant, seed)
     label = f"{VARIANTS[variant][0]} seed {seed}"
@@ -453,7 +454,7 @@ def recount_macs(cfg: AblationConfig, runs: List[Dict[str, Any]]) -> None:
     """Each run's MACs, counted again from its architecture with the current counter (a run stores
     what the counter said when it finished; kernels that hide work from it would leave stale numbers).
     The rebuilt network must have the run's parameter count, or the run is left as it is."""
-    from ..models import count_macs, count_params, mobilenet_v2
+    from metapool_kernels.models import count_macs, count_params, mobilenet_v2
 
     for r in runs:
         enhancer = _FIXED_ENHANCER.get(r["variant"]) or r.get("genotype")
@@ -513,8 +514,8 @@ def measure_step_seconds(cfg: AblationConfig, steps: int = 4) -> Dict[str, float
 
     from torch import nn
 
-    from ..models import alpha_parameters, meta_layers, mobilenet_v2, weight_parameters
-    from .search import bilevel_step
+    from metapool_kernels.models import alpha_parameters, meta_layers, mobilenet_v2, weight_parameters
+    from metapool_kernels.pmpl.search import bilevel_step
 
     fmt = torch.channels_last
     gen = torch.Generator().manual_seed(0)
@@ -622,20 +623,22 @@ def print_estimate(cfg: AblationConfig, log=print) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line (registered by cli.py as `ablation`).
+# Command line: python -m experiments.ablation (make ablation).
 # ---------------------------------------------------------------------------------------------
-def add_subparser(sub) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    from metapool_kernels.pmpl.cli import Parser
+
     d = AblationConfig()
-    p = sub.add_parser(
-        "ablation", help="the paper's Table 3 on Fashion-MNIST (No / Local / Global / Random / PMPL, several seeds)",
+    p = Parser(
+        prog="python -m experiments.ablation",
         description="Retrain MobileNetV2 with No / Local (avg3) / Global (strip) / Random / PMPL-derived enhancers "
                     "on Fashion-MNIST with one budget and several seeds; writes results.json, RESULTS.md "
                     "(mean ± std, Welch tests, the budget) and layer_choices.png. Resumable: run the same "
                     "command again to continue.",
         epilog="examples:\n"
-               "  python -m metapool_kernels.pmpl ablation --estimate          # step costs and projected hours\n"
-               "  python -m metapool_kernels.pmpl ablation --jobs 2 --report bench/results/ablation   # the full table\n"
-               "  python -m metapool_kernels.pmpl ablation --budget smoke --out runs/ablation-smoke\n",
+               "  python -m experiments.ablation --estimate          # step costs and projected hours\n"
+               "  python -m experiments.ablation --jobs 2 --report bench/results/ablation   # the full table\n"
+               "  python -m experiments.ablation --budget smoke --out runs/ablation-smoke\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=tuple(BUDGETS), default="full",
                    help="preset: full (the defaults below) or smoke (1,024 images, 1 epoch each, 2 seeds)")
@@ -672,9 +675,17 @@ def config_from_args(args: argparse.Namespace) -> AblationConfig:
     return AblationConfig(progress=args.progress, **values)
 
 
-def main(args: argparse.Namespace) -> None:
-    cfg = config_from_args(args)
-    if args.estimate:
-        print_estimate(cfg)
-    else:
-        run_ablation(cfg)
+def main(argv: Optional[List[str]] = None) -> int:
+    from metapool_kernels.pmpl.runs import one_line
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.estimate:
+            print_estimate(cfg)
+        else:
+            run_ablation(cfg)
+    except (OSError, ValueError, FloatingPointError) as e:
+        print(f"error: {one_line(e, limit=2000)}", file=sys.stderr)
+        return 2
+    return 0
