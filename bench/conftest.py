@@ -161,8 +161,8 @@ def pytest_generate_tests(metafunc):
         variants = cpu_model_variants(s.genotype)
         metafunc.parametrize("cpu_model_variant", variants, ids=[v.key for v in variants])
     if "cpu_profile_goal" in names:
-        from .cpu_goals import GOAL_KEYS
-        metafunc.parametrize("cpu_profile_goal", GOAL_KEYS)
+        from .goals import goal_keys
+        metafunc.parametrize("cpu_profile_goal", goal_keys("cpu"))
     if "train_key" in names:
         metafunc.parametrize("train_key", [k for k, _ in TRAIN_VARIANTS])
     if "deploy_runtime" in names:

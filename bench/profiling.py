@@ -1,7 +1,7 @@
 """torch.profiler summaries of the configurations that decide a missed CPU goal.
 
 The profile suite (test_profile_bench.py) runs after every other suite of a run, checks the goals
-on that run's rows (cpu_goals.evaluate), and for each missed goal profiles the deciding
+on that run's rows (goals.evaluate), and for each missed goal profiles the deciding
 configuration with every variant the goal compares (fused against torch.compile, derived against
 plain, ...). Each variant becomes a "profile" row: its self CPU time per iteration and its top
 operators by self CPU time, which the report prints under the missed goal.

@@ -18,16 +18,11 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from . import cpu_goals
+from . import goals
 from .common import RESULTS_DIR, load_results
 
 OUT_FILE = Path(__file__).resolve().parent / "RESULTS.md"
 
-GOAL_EAGER_X = 5.0
-GOAL_COMPILE_X = 2.0
-GOAL_PCT_COPY = 70.0
-GOAL_DERIVED_OVERHEAD_PCT = 5.0
-GOAL_SEARCH_STEP_X = 1.5
 
 # Why a goal was missed, per device: bench/results/reasons.json maps a device name to
 # {goal-name prefix: analysis}. Each analysis must come from a profile of that device's run.
@@ -207,141 +202,14 @@ def _load_text(env: Dict[str, Any]) -> str:
     return " / ".join(f"{v[0]:.2f}" if v else "—" for v in vals)
 
 
-def _fused_pairs(d: Device, op: str, mode: str) -> Dict[Tuple, Dict[str, Dict[str, Any]]]:
-    """(dtype, shape) -> provider/repeat -> row, for the op suite."""
-    out: Dict[Tuple, Dict[str, Dict[str, Any]]] = defaultdict(dict)
-    for r in d.suite("ops"):
-        if r["op"] == op and r["mode"] == mode:
-            name = r["provider"] + ("#2" if r.get("repeat") else "")
-            out[(r["dtype"], tuple(r["shape"]))][name] = r
-    return out
-
-
 def _med(rs: Dict[str, Dict[str, Any]], key: str) -> Optional[float]:
     r = rs.get(key)
     return r.get("median_ms") if r else None
 
 
-def goals_section(d: Device) -> str:
-    """The goals of the device's kind: the CPU goals (cpu_goals.py) or the GPU path's goals."""
-    return cpu_goals_section(d) if d.kind == "cpu" else gpu_goals_section(d)
-
-
-def gpu_goals_section(d: Device) -> str:
-    parts: List[str] = []
-
-    def verdict(ok: Optional[bool], missed: str = "") -> str:
-        if ok is None:
-            return "not measured"
-        return "**met**" if ok else f"**missed**{': ' + missed if missed else ''}"
-
-    lines: List[Tuple[str, str, str]] = []
-    reasons: List[str] = []
-
-    # 1. Speedups of fused forward+backward in search mode, at the largest batch measured per dtype.
-    pairs = _fused_pairs(d, "search", "fwd+bwd")
-    for target, prov, label in ((GOAL_EAGER_X, "eager", "eager reference"),
-                                (GOAL_COMPILE_X, "compile", "torch.compile(reference)")):
-        name = f"Fused fwd+bwd (search mode) ≥ {target:g}× {label}"
-        speed = []
-        for (dtype, shape), rs in pairs.items():
-            s = ratio(_med(rs, prov), _med(rs, "fused"))
-            if s is not None:
-                speed.append((dtype, shape, s))
-        if not speed:
-            lines.append((name, "—", verdict(None)))
-            continue
-        top = {dt: max(sh[0] for t, sh, _ in speed if t == dt) for dt, _, _ in speed}
-        speed = [x for x in speed if x[1][0] == top[x[0]]]
-        worst = min(speed, key=lambda x: x[2])
-        below = [x for x in speed if x[2] < target]
-        value = (f"worst {times(worst[2])} ({worst[0]}, {shape_str(worst[1])}); geomean {times(geomean([x[2] for x in speed]))} "
-                 f"over {len(speed)} shapes at batch {', '.join(f'{v} ({k})' for k, v in top.items())}")
-        missed = f"{len(below)} of {len(speed)} shapes below; worst is {num(target / worst[2])}× short" if below else ""
-        lines.append((name, value, verdict(not below, missed)))
-        if below:
-            reasons.append(name)
-
-    # 2. Bandwidth on the largest shapes: fused rows (first timing) of every op but skip.
-    fused = [r for r in d.suite("ops") if r["provider"] == "fused" and not r.get("repeat") and r.get("pct_copy")]
-    name = f"Fused ≥ {GOAL_PCT_COPY:g}% of copy bandwidth on the largest shapes"
-    if fused:
-        # The two largest |x| per dtype, at the largest batch measured for that dtype.
-        top_batch = defaultdict(int)
-        for r in fused:
-            top_batch[r["dtype"]] = max(top_batch[r["dtype"]], r["batch"])
-        fused = [r for r in fused if r["batch"] == top_batch[r["dtype"]]]
-        sizes = defaultdict(set)
-        for r in fused:
-            sizes[r["dtype"]].add(r["x_bytes"])
-        largest = {dt: sorted(v)[-2:] for dt, v in sizes.items()}
-        chosen = [r for r in fused if r["x_bytes"] in largest[r["dtype"]]]
-        worst = min(chosen, key=lambda r: r["pct_copy"])
-        below = [r for r in chosen if r["pct_copy"] < GOAL_PCT_COPY]
-        shapes = sorted({(r["dtype"], tuple(r["shape"])) for r in chosen})
-        value = (f"worst {pct(worst['pct_copy'])} ({worst['op']} {worst['mode']}, {worst['dtype']}, {shape_str(worst['shape'])}); "
-                 f"{len(chosen)} rows over {', '.join(f'{dt} {shape_str(s)}' for dt, s in shapes)}")
-        missed = (f"{len(below)} of {len(chosen)} rows below; worst is {num(GOAL_PCT_COPY - worst['pct_copy'])} "
-                  "points short") if below else ""
-        lines.append((name, value, verdict(not below, missed)))
-        if below:
-            reasons.append(name)
-    else:
-        lines.append((name, "—", verdict(None)))
-
-    # 3. Derived network latency against plain MobileNetV2. A setting whose two Skip timings differ by
-    # the goal's margin or more cannot tell a 5% overhead from noise, so it decides nothing.
-    name = f"Derived MobileNetV2 + Meta-Pooling (fused) within {GOAL_DERIVED_OVERHEAD_PCT:g}% of plain latency"
-    over = _overheads(d, "derived-fused")
-    if over:
-        noise = dict(_overheads(d, "skip-again"))
-        value = "; ".join(f"{s}: {pct(o, True)}" + (f" (Skip timed again: {pct(noise[s], True)})" if s in noise else "")
-                          for s, o in over)
-        resolved = [x for x in over if abs(noise.get(x[0], 0.0)) < GOAL_DERIVED_OVERHEAD_PCT]
-        above = [x for x in resolved if x[1] > GOAL_DERIVED_OVERHEAD_PCT]
-        if not resolved:
-            worst_noise = max(abs(v) for v in noise.values())
-            lines.append((name, value, f"**not resolved**: the two Skip timings differ by up to "
-                                       f"{worst_noise:.1f}%, more than the {GOAL_DERIVED_OVERHEAD_PCT:g}% margin"))
-        else:
-            worst = max(resolved, key=lambda x: x[1])
-            skipped = len(over) - len(resolved)
-            missed = (f"worst {pct(worst[1], True)} ({worst[0]}), {num(worst[1] - GOAL_DERIVED_OVERHEAD_PCT)} points over"
-                      if above else "")
-            status = verdict(not above, missed)
-            if skipped:
-                status += f" ({skipped} setting(s) not resolved: Skip's two timings differ by ≥ {GOAL_DERIVED_OVERHEAD_PCT:g}%)"
-            lines.append((name, value, status))
-            if above:
-                reasons.append(name)
-    else:
-        lines.append((name, "—", verdict(None)))
-
-    # 4. Search step against a plain step.
-    name = f"PMPL search step (fused) ≤ {GOAL_SEARCH_STEP_X:g}× plain training step"
-    steps = {r["variant"]: r for r in d.suite("train")}
-    plain, fused_step = steps.get("plain"), steps.get("search-fused")
-    if plain and fused_step:
-        x = fused_step["median_ms"] / plain["median_ms"]
-        eager = steps.get("search-eager")
-        extra = f" (eager search step: {times(eager['median_ms'] / plain['median_ms'])})" if eager else ""
-        value = (f"{times(x)}: {num(fused_step['median_ms'])} ms vs {num(plain['median_ms'])} ms, batch "
-                 f"{plain['batch']} at {plain['resolution']} px{extra}")
-        lines.append((name, value, verdict(x <= GOAL_SEARCH_STEP_X, f"{num(x / GOAL_SEARCH_STEP_X)}× over the target")))
-        if x > GOAL_SEARCH_STEP_X:
-            reasons.append(name)
-    else:
-        lines.append((name, "—", verdict(None)))
-
-    parts.append(table(["goal", "measured", "status"], lines, "lll"))
-    known = load_reasons()
-    for name in reasons:
-        parts.append(f"\n**{name}: missed.**\n\n{reason_for(known, d.name, name)}")
-    return "\n".join(parts)
-
-
 # ---------------------------------------------------------------------------------------------
-# CPU goals (cpu_goals.py), each missed one with its reason and this run's profile.
+# Goals (goals.py, one mechanism for every device), each missed one with its reason and this
+# run's profile.
 # ---------------------------------------------------------------------------------------------
 def one_run_rows(d: Device) -> List[Dict[str, Any]]:
     """Per suite, the device's rows from the newest run that measured that suite, so every goal's
@@ -352,15 +220,16 @@ def one_run_rows(d: Device) -> List[Dict[str, Any]]:
     return [r for r in d.rows.values() if r["_run"] == newest[r["suite"]]]
 
 
-def cpu_goals_section(d: Device) -> str:
+def goals_section(d: Device) -> str:
+    """The goals of the device's kind, on its newest run's rows."""
     rows = one_run_rows(d)
-    checks = cpu_goals.evaluate(rows)
+    checks = goals.evaluate(rows, d.kind)
     body = []
     for c in checks:
         status = c.status
         if c.unresolved:
             status += (f" ({len(c.unresolved)} setting(s) not resolved — the plain network timed twice differs by "
-                       f"≥ {cpu_goals.DERIVED_OVERHEAD_PCT:g}%: {', '.join(c.unresolved)})")
+                       f"≥ {goals.target('derived-vs-plain', d.kind):g}%: {', '.join(c.unresolved)})")
         body.append((c.name, c.measured, status))
     parts = [table(["goal", "measured (this run)", "status"], body, "lll"),
              "\nEach ratio compares rows of one run at this thread count; “worst” is the row that decides the goal."]
@@ -701,10 +570,10 @@ def summary_section(devices: Sequence[Device], plot: Optional[str]) -> str:
     parts = []
     for host, by_n in hosts.items():
         counts = sorted(by_n)
-        checks = {n: cpu_goals.evaluate(one_run_rows(by_n[n])) for n in counts}
+        checks = {n: goals.evaluate(one_run_rows(by_n[n])) for n in counts}
         if 1 in by_n:
             for n in counts[1:]:
-                scaling = cpu_goals.thread_scaling(one_run_rows(by_n[1]), one_run_rows(by_n[n]), n)
+                scaling = goals.thread_scaling(one_run_rows(by_n[1]), one_run_rows(by_n[n]), n)
                 checks[n].append(scaling)
         names = OrderedDict((c.key, c.name) for n in counts for c in checks[n])
         body = []
@@ -742,8 +611,8 @@ def summary_plot(devices: Sequence[Device], path: Path) -> bool:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False, sharey=True)
     for ax, (host, n, d) in zip(axes[0], panels):
-        groups = cpu_goals.op_groups(one_run_rows(d), lambda op: op == "search", "fwd+bwd")
-        fwd = cpu_goals.op_groups(one_run_rows(d), lambda op: op == "search", "fwd")
+        groups = goals.op_groups(one_run_rows(d), lambda op: op == "search", "fwd+bwd")
+        fwd = goals.op_groups(one_run_rows(d), lambda op: op == "search", "fwd")
         keys = sorted(groups.keys() | fwd.keys(), key=lambda k: (k[2], k[3]))
         labels, series = [], defaultdict(list)
         for k in keys:
@@ -757,7 +626,7 @@ def summary_plot(devices: Sequence[Device], path: Path) -> bool:
         for i, (label, values) in enumerate(series.items()):
             ax.bar([x + i * width for x in range(len(labels))], values, width, label=label)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.axhline(cpu_goals.SEARCH_VS_COMPILE_X, color="gray", lw=0.8, ls="--")
+        ax.axhline(goals.target("search-fwd+bwd-vs-compile"), color="gray", lw=0.8, ls="--")
         ax.set_yscale("log")
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"search mode, {n} thread{'s' if n > 1 else ''}", fontsize=10)

@@ -4,7 +4,7 @@ prints them under the missed goal, so each miss is explained from this run's own
 import pytest
 
 from .common import device_name
-from .cpu_goals import evaluate
+from .goals import evaluate
 from .profiling import profile_target
 
 

@@ -1,10 +1,11 @@
 """Deployment: the package's custom ops as standard ops, for ``torch.onnx`` and ``torch.export``.
 
-A Meta-Pooling layer runs through the package's ops ``metapool::meta_pool`` and
-``metapool::strip_gate``, which no runtime outside this package knows. This module gives each op a
-decomposition into ATen ops, written with the reference functions (reference.py, the contract)
-except that each k×k window is two separable passes (``separable_local_op``), and registers it in ``torch._decomp``'s decomposition table. That table is where the standard
-exporters look:
+A Meta-Pooling layer runs through the package's op ``metapool::meta_pool`` (its strip term is
+computed inside it); ``metapool::strip_gate`` is the fused gate for code that calls it directly.
+No runtime outside this package knows either. This module gives each op a decomposition into ATen
+ops, written with the reference functions (reference.py, the contract) except that each k×k
+window is two separable passes (``separable_local_op``), and registers it in ``torch._decomp``'s
+decomposition table. That table is where the standard exporters look:
 
 - ``torch.onnx.export(model, (x,), path, dynamo=True)`` decomposes every op found there before
   translating, so the ONNX model holds standard ops only (MaxPool, AveragePool, ReduceMean, Conv,
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _extension  # defines the metapool ops
-from .ops.strip_gate import output_format
+from .ops.layout import output_format
 from .reference import compute_dtype, kernel_size, strip_gate, strip_means
 
 __all__ = ["decomposition_table", "register", "to_onnx", "onnx_op_types"]

@@ -173,7 +173,7 @@ def test_ablation_resumes_and_reports_what_its_runs_measured(tmp_path, monkeypat
     for variant in cfg.variants:
         s = results["summary"][variant]
         assert f"{ablation.VARIANTS[variant][0]:<7} top-1 {s['top1_mean']:.2f} ± {s['top1_std']:.2f} %" in quoted
-    assert "no results are committed" in "\n".join(what_this_shows(1, 80, report_dir=tmp_path / "none"))
+    assert "no results found in" in "\n".join(what_this_shows(1, 80, report_dir=tmp_path / "none"))
 
     # A third invocation runs nothing and keeps the hand-written interpretation.
     md_path.write_text(md.split(report.INTERPRETATION_HEADING)[0] + report.INTERPRETATION_HEADING

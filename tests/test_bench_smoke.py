@@ -217,12 +217,16 @@ def test_report_renders_cpu_and_synthetic_gpu(cpu_rows, tmp_path):
     gpu_text = text[gpu:cpu]
     for needle in ("× compile", "compile ms", "b128 bfloat16 224px ms", "Search mode (all 8 candidates), float32, fwd+bwd",
                    "Attention baselines", "+SE", "× plain step", "Failed variants", "synthetic failure",
-                   "Skip, timed again last", "(Skip timed again: +0.0%)"):
+                   "Skip, timed again last", "plain timed again +0.0%"):
         assert needle in gpu_text, needle
+    # The GPU's goals: the same checks as the CPU's (goals.py), with the GPU's thresholds.
     goals = gpu_text[gpu_text.index("### Goals"):gpu_text.index("### Op suite")]
-    assert "≥ 5× eager reference | worst 6.00×" in goals and "≥ 2× torch.compile(reference) | worst 1.50×" in goals
-    assert goals.count("**met**") == 3 and goals.count("**missed**") == 2
-    assert goals.count("Reason (from a profile): not yet analysed") == 2
+    assert "Search mode fwd+bwd ≥ 5× the eager reference | worst 6×" in goals
+    assert "Search mode fwd+bwd ≥ 2× torch.compile(reference) | worst 1.5×" in goals
+    assert "≥ 70% of the run's copy bandwidth" in goals and "PMPL search step (fused) ≤ 1.5×" in goals
+    assert "Supernet training step" not in goals  # not one of the GPU's goals
+    assert goals.count("**met**") == 3 and goals.count("**missed**") == 3
+    assert goals.count("Reason (from a profile): not yet analysed") == 3
     assert "6\\|x\\|" in gpu_text and "| 6|x| |" not in gpu_text
     assert "Strip gate: C++ op vs eager" in text[cpu:] and "CPU: batch-1 inference" in text[cpu:]
 
@@ -230,7 +234,7 @@ def test_report_renders_cpu_and_synthetic_gpu(cpu_rows, tmp_path):
     noisy = [dict(r, median_ms=r["median_ms"] * 1.2) if r.get("variant") == "skip-again" else r
              for r in gpu_run.rows]
     runs = [dict(gpu_run.to_json(), rows=noisy, file="noisy.json")]
-    assert "**not resolved**: the two Skip timings differ by up to 20.0%" in report.render(runs)
+    assert "not resolved — the plain network timed twice differs by ≥ 5%" in report.render(runs)
     assert "CPU: batch-1 inference" not in gpu_text
 
 
@@ -304,9 +308,13 @@ def synthetic_cpu_goal_rows():
 
 
 def test_cpu_goals_on_synthetic_rows():
-    from bench import cpu_goals
-    checks = {c.key: c for c in cpu_goals.evaluate(synthetic_cpu_goal_rows())}
-    assert set(checks) == set(cpu_goals.GOAL_KEYS)
+    from bench import goals
+    checks = {c.key: c for c in goals.evaluate(synthetic_cpu_goal_rows())}
+    assert set(checks) == set(goals.goal_keys("cpu")) == set(goals.GOAL_KEYS) - {"search-step"}
+    # One mechanism for every device: the same rows checked with a GPU's thresholds.
+    gpu = {c.key: c for c in goals.evaluate(synthetic_cpu_goal_rows(), "cuda")}
+    assert set(gpu) == set(goals.GOAL_KEYS) - {"supernet-step"}
+    assert gpu["search-fwd+bwd-vs-compile"].name.startswith("Search mode fwd+bwd ≥ 2×")
     status = {k: c.ok for k, c in checks.items()}
     assert status == {"search-fwd+bwd-vs-eager": True, "search-fwd+bwd-vs-compile": False,
                       "search-fwd-vs-compile": True, "fixed-bandwidth": True, "fixed-vs-compile": False,
@@ -322,16 +330,16 @@ def test_cpu_goals_on_synthetic_rows():
     assert "spread 6%" in checks["gate-weights"].measured
     frozen_slow = [dict(r, median_ms=0.5) if r.get("variant") == "frozen, no_grad" else r
                    for r in synthetic_cpu_goal_rows()]
-    gate = next(c for c in cpu_goals.evaluate(frozen_slow) if c.key == "gate-weights")
+    gate = next(c for c in goals.evaluate(frozen_slow) if c.key == "gate-weights")
     assert gate.ok is False and "spread 410%" in gate.shortfall
 
 
 def test_profile_rows_render_under_missed_goal():
     """A missed goal's profile: real torch.profiler rows of a tiny op (dynamo's eager backend) under
     the goal in the CPU section, with the reason placeholder when reasons.json has none."""
-    from bench import cpu_goals, profiling
+    from bench import goals, profiling
     rows = synthetic_cpu_goal_rows()
-    check = next(c for c in cpu_goals.evaluate(rows) if c.key == "search-fwd+bwd-vs-compile")
+    check = next(c for c in goals.evaluate(rows) if c.key == "search-fwd+bwd-vs-compile")
     target = dict(check.target, shape=[1, 4, 6, 7])
     prof = profiling.profile_target(check.key, target, "cpu", compile_backend="eager", seconds=0.01, min_iters=1)
     assert [r["variant"] for r in prof] == ["fused", "compile"]

@@ -75,6 +75,10 @@ def test_every_block_of_the_family_gets_an_enhancer(lib, name, count, tmp_path):
     with torch.no_grad():
         expected = derived(x)
     assert (torch.from_numpy(out) - expected).abs().max().item() <= 1e-3 * max(1.0, expected.abs().max().item())
+    # TorchScript by tracing (many deployment stacks still take it): standard ops, same logits
+    with torch.no_grad():
+        traced = torch.jit.trace(derived, image(batch=3, seed=5))
+        torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_genotype_is_refused_for_another_network():

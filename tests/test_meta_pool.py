@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import independent
 from helpers import PARAM_GRAD_MULT, TOL, X_GRAD_MULT, assert_rel_close, randn, to_layout
 from metapool_kernels import PAPER_CANDIDATES, FusedMetaPooling, MetaPooling
-from metapool_kernels.ops.strip_gate import output_format
+from metapool_kernels.ops.layout import output_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_DEVICES = [

@@ -25,15 +25,15 @@
 // No atomics; every reduction has a fixed order that depends on the shape alone, and items are
 // cut by shape alone, so results are bitwise identical for any number of threads.
 //
-// Where each candidate lives:
-//   skip      forward_kernel (π_skip · x); backward_kernel (π_skip · grad)
+// Where each candidate lives (fwd: meta_pool_forward_kernel_impl, bwd: meta_pool_backward_kernel_impl):
+//   skip      fwd: π_skip · x; bwd: π_skip · grad
 //   avg3/5/7  horizontal (row sums) then Window over the Ring, divided by window_count;
-//             backward_kernel: box sums of grad / window counts
-//   max3/5/7  horizontal (row maxima and first-argmax columns) then Window; backward_kernel: the
-//             gather from the windows whose argmax is this element
-//   strip     strip_sums (z_h, z_w), strip_gate_values (σ(W z + b)), forward_kernel (π · x · σ_h σ_w);
-//             backward: strip_sums of grad · x, strip_gate_grads, the strip adjoints in backward_kernel
-//   π         Weights; α's partial sums Σ grad · op_k(x) in backward_kernel
+//             bwd: box sums of grad / window counts
+//   max3/5/7  horizontal (row maxima and first-argmax columns) then Window; bwd: the gather from
+//             the windows whose argmax is this element
+//   strip     strip_sums (z_h, z_w), strip_gate_values (σ(W z + b)), fwd: π · x · σ_h σ_w;
+//             bwd: strip_sums of grad · x, strip_gate_grads, the strip adjoints
+//   π         Weights; α's partial sums Σ grad · op_k(x) in bwd
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -512,8 +512,9 @@ struct Weights {
 // Forward: out = Σ_local π_k op_k(x) + π_strip · x · sh_i · sw_j (sh, sw: σ of the gate logits).
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
-void forward_kernel(const MetaPoolArgs& a, const Layout& g, const at::opmath_type<scalar_t>* sh,
-                    const at::opmath_type<scalar_t>* sw, scalar_t* out) {
+void meta_pool_forward_kernel_impl(const MetaPoolArgs& a, const Layout& g,
+                                   const at::opmath_type<scalar_t>* sh,
+                                   const at::opmath_type<scalar_t>* sw, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const Candidates& cand = a.cand;
@@ -605,18 +606,19 @@ void forward_kernel(const MetaPoolArgs& a, const Layout& g, const at::opmath_typ
 
 // ---------------------------------------------------------------------------------------------
 // Backward: grad x and the α partial sums of every local candidate.
-//   Stage A, row t arrives: horizontal max/argmax of x (max candidates) and box sums of
+// Three stages per step, named as in the Triton backward (meta_pool_triton.py):
+//   arrive, row t: horizontal max/argmax of x (max candidates) and box sums of
 //     grad / window count (avg candidates).
-//   Stage B, row p = t - R: each max window's vertical argmax row and value (α partial Σ g · max);
+//   scatter, row p = t - R: each max window's vertical argmax row and value (α partial Σ g · max);
 //     its gradient is added to U[i] of the argmax row i (U: the column-gathered gradient);
 //     the avg adjoints (vertical box sums), skip and strip terms.
-//   Stage C, row i = p - Rm: the horizontal half of the max gather, then grad x of row i.
+//   finish, row i = p - Rm: the horizontal half of the max gather, then grad x of row i.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
-void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* grad,
-                     const at::opmath_type<scalar_t>* sh, const at::opmath_type<scalar_t>* sw,
-                     const at::opmath_type<scalar_t>* gzh, const at::opmath_type<scalar_t>* gzw,
-                     scalar_t* grad_x, at::opmath_type<scalar_t>* alpha_parts) {
+void meta_pool_backward_kernel_impl(const MetaPoolArgs& a, const Layout& g, const scalar_t* grad,
+                                    const at::opmath_type<scalar_t>* sh, const at::opmath_type<scalar_t>* sw,
+                                    const at::opmath_type<scalar_t>* gzh, const at::opmath_type<scalar_t>* gzw,
+                                    scalar_t* grad_x, at::opmath_type<scalar_t>* alpha_parts) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const Candidates& cand = a.cand;
@@ -662,7 +664,7 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
       const int64_t lag_c = R + Rm;  // stage C trails the newest row by this many rows
       const int64_t t_end = std::min<int64_t>(it.r1 + R + Rm, H);
       for (int64_t t = std::max<int64_t>(it.r0 - R - Rm, 0); t < it.r1 + lag_c; ++t) {
-        // ---- Stage A: row t arrives.
+        // ---- arrive: row t.
         if (t < t_end) {
           const int64_t off = it.base + t * it.rstride;
           acc_t* gt = gr.row(t);
@@ -719,7 +721,7 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
           }
         }
 
-        // ---- Stage B: row p = t - R, its windows complete.
+        // ---- scatter: row p = t - R, its windows complete.
         const int64_t p = t - R;
         if (p >= std::max<int64_t>(it.r0 - Rm, 0) && p < std::min<int64_t>(it.r1 + Rm, H)) {
           const bool own = p >= it.r0 && p < it.r1;
@@ -796,7 +798,7 @@ void backward_kernel(const MetaPoolArgs& a, const Layout& g, const scalar_t* gra
           }
         }
 
-        // ---- Stage C: row i = t - R - Rm, every U it gathers from complete.
+        // ---- finish: row i = t - R - Rm, every U it gathers from complete.
         const int64_t i = t - lag_c;
         if (i < it.r0 || i >= it.r1) continue;
         const acc_t* acc = gx_acc.row(i);
@@ -863,7 +865,8 @@ void gemm_rows(int64_t M, int64_t K, int64_t Nc, const T* a, int64_t a_m, int64_
       const int64_t mb = task % blocks, j = task / blocks * 2 * V;
       const int64_t m0 = mb * kRows, rows = std::min<int64_t>(kRows, M - m0);
       const T* arow[kRows];
-      for (int64_t r = 0; r < kRows; ++r) arow[r] = a + std::min<int64_t>(m0 + r, M - 1) * a_m;  // spare rows repeat the last
+      // Spare rows repeat the last.
+      for (int64_t r = 0; r < kRows; ++r) arow[r] = a + std::min<int64_t>(m0 + r, M - 1) * a_m;
       const int64_t n0 = std::min<int64_t>(V, Nc - j), n1 = std::clamp<int64_t>(Nc - j - V, 0, V);
       Vec acc0[kRows], acc1[kRows];
       for (int64_t r = 0; r < kRows; ++r) acc0[r] = acc1[r] = Vec(bias ? bias[std::min<int64_t>(m0 + r, M - 1)] : T(0));
@@ -987,7 +990,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_pool_forward_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t>(a, g, sh.defined() ? sh.const_data_ptr<acc_t>() : nullptr,
+    meta_pool_forward_kernel_impl<scalar_t>(a, g, sh.defined() ? sh.const_data_ptr<acc_t>() : nullptr,
                              sw.defined() ? sw.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
   });
   return {out, z_h, z_w};
@@ -1047,8 +1050,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
-    backward_kernel<scalar_t>(a, g, grad.const_data_ptr<scalar_t>(), ptr(sh), ptr(sw), ptr(gzh), ptr(gzw),
-                              grad_x.mutable_data_ptr<scalar_t>(), alpha_parts.mutable_data_ptr<acc_t>());
+    meta_pool_backward_kernel_impl<scalar_t>(a, g, grad.const_data_ptr<scalar_t>(), ptr(sh), ptr(sw), ptr(gzh),
+                                             ptr(gzw), grad_x.mutable_data_ptr<scalar_t>(),
+                                             alpha_parts.mutable_data_ptr<acc_t>());
     if (a.pi.defined()) {
       const at::Tensor sums = sum_chunks<acc_t>(alpha_parts);
       for (int s = 0; s < kLocalSlots; ++s)

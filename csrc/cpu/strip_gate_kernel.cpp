@@ -27,7 +27,7 @@ int64_t grain(int64_t plane) {
 }
 
 template <typename scalar_t>
-void forward_kernel(const StripGateArgs& a, at::Tensor& y) {
+void strip_gate_forward_kernel_impl(const StripGateArgs& a, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t NC = a.x.size(0) * a.x.size(1), H = a.x.size(2), W = a.x.size(3);
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
@@ -55,8 +55,9 @@ void forward_kernel(const StripGateArgs& a, at::Tensor& y) {
 }
 
 template <typename scalar_t>
-void backward_kernel(const at::Tensor& grad_t, const StripGateArgs& a, at::Tensor& grad_x_t,
-                     at::Tensor& grad_gh_t, at::Tensor& grad_gw_t, at::Tensor& plane_t) {
+void strip_gate_backward_kernel_impl(const at::Tensor& grad_t, const StripGateArgs& a,
+                                     at::Tensor& grad_x_t, at::Tensor& grad_gh_t, at::Tensor& grad_gw_t,
+                                     at::Tensor& plane_t) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t NC = a.x.size(0) * a.x.size(1), H = a.x.size(2), W = a.x.size(3);
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
@@ -102,7 +103,7 @@ void backward_kernel(const at::Tensor& grad_t, const StripGateArgs& a, at::Tenso
 // channels_last (NHWC) memory: the gates are transposed once to (N, H, C) and (N, W, C) so the
 // innermost loop over channels reads x, the gates and the output contiguously.
 template <typename scalar_t>
-void forward_kernel_nhwc(const StripGateArgs& a, at::Tensor& y) {
+void strip_gate_forward_kernel_nhwc_impl(const StripGateArgs& a, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = a.x.size(0), C = a.x.size(1), H = a.x.size(2), W = a.x.size(3);
   const at::Tensor sh_t = a.g_h.sigmoid().transpose(1, 2).contiguous();  // (N, H, C)
@@ -134,8 +135,9 @@ void forward_kernel_nhwc(const StripGateArgs& a, at::Tensor& y) {
 // One task per image: its row and column sums accumulate in (H, C) and (W, C) buffers in a
 // fixed order, so results do not depend on the thread count.
 template <typename scalar_t>
-void backward_kernel_nhwc(const at::Tensor& grad_t, const StripGateArgs& a, at::Tensor& grad_x_t,
-                          at::Tensor& grad_gh_t, at::Tensor& grad_gw_t, at::Tensor& plane_t) {
+void strip_gate_backward_kernel_nhwc_impl(const at::Tensor& grad_t, const StripGateArgs& a,
+                                          at::Tensor& grad_x_t, at::Tensor& grad_gh_t, at::Tensor& grad_gw_t,
+                                          at::Tensor& plane_t) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = a.x.size(0), C = a.x.size(1), H = a.x.size(2), W = a.x.size(3);
   const at::Tensor sh_t = a.g_h.sigmoid().transpose(1, 2).contiguous();  // (N, H, C)
@@ -209,9 +211,9 @@ at::Tensor strip_gate_forward_cpu(const StripGateArgs& a) {
   if (a.x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "strip_gate_cpu", [&] {
     if (a.channels_last) {
-      forward_kernel_nhwc<scalar_t>(a, y);
+      strip_gate_forward_kernel_nhwc_impl<scalar_t>(a, y);
     } else {
-      forward_kernel<scalar_t>(a, y);
+      strip_gate_forward_kernel_impl<scalar_t>(a, y);
     }
   });
   return y;
@@ -227,9 +229,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> strip_gate_backward_c
   if (a.x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "strip_gate_backward_cpu", [&] {
       if (a.channels_last) {
-        backward_kernel_nhwc<scalar_t>(grad, a, grad_x, grad_gh, grad_gw, plane);
+        strip_gate_backward_kernel_nhwc_impl<scalar_t>(grad, a, grad_x, grad_gh, grad_gw, plane);
       } else {
-        backward_kernel<scalar_t>(grad, a, grad_x, grad_gh, grad_gw, plane);
+        strip_gate_backward_kernel_impl<scalar_t>(grad, a, grad_x, grad_gh, grad_gw, plane);
       }
     });
   }

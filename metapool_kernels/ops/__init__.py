@@ -5,6 +5,7 @@
   Its Triton kernels (``meta_pool_triton``) are imported on first use, so that importing the
   package does not import Triton, which fixes interpreted-or-compiled mode when its kernels are
   defined.
+- ``layout.output_format``: the memory format every op gives its outputs.
 """
 from .meta_pool import meta_pool
 from .strip_gate import strip_gate

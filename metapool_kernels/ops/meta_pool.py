@@ -30,7 +30,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import _extension  # loads the C++ ops and their CPU kernels
 from ..reference import check_candidates, check_input, check_same_device, compute_dtype
-from .strip_gate import output_format
+from .layout import output_format
 
 __all__ = ["meta_pool", "mix", "triton_on_cpu"]
 

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from ..reference import LOCAL_CANDIDATES, compute_dtype
-from .strip_gate import output_format
+from .layout import output_format
 
 # Column tile widths: the forward needs no halo lanes; the backward's gathers do, and its rings
 # are larger, so it keeps narrower tiles.
@@ -121,7 +121,7 @@ def _argmax_row(ring, in_win, rr):
 
 
 @triton.jit
-def _row_partials(row_ptrs, cols, sw, row_ok, W, R: tl.constexpr, ACC: tl.constexpr):
+def _row_partials(row_ptrs, cols, stride_w, row_ok, W, R: tl.constexpr, ACC: tl.constexpr):
     """Sums and maxima of one row over the 3-, 5- and 7-wide windows centred on each column.
 
     One set of 2R+1 shifted loads (the neighbouring columns are in cache) serves all three
@@ -137,7 +137,7 @@ def _row_partials(row_ptrs, cols, sw, row_ok, W, R: tl.constexpr, ACC: tl.conste
     for dd in tl.static_range(0, 2 * R + 1):
         d = dd - R  # constexpr: static_range unrolls
         ok = row_ok & (cols >= -d) & (cols < W - d)
-        v = tl.load(row_ptrs + d * sw, mask=ok, other=0.0).to(ACC)
+        v = tl.load(row_ptrs + d * stride_w, mask=ok, other=0.0).to(ACC)
         vm = tl.where(ok, v, float("-inf"))
         if d * d <= 1:
             s3 += v
@@ -151,17 +151,17 @@ def _row_partials(row_ptrs, cols, sw, row_ok, W, R: tl.constexpr, ACC: tl.conste
 
 
 @triton.jit
-def _aligned_strides(sn, sc, sh, sw, VEC: tl.constexpr, CL: tl.constexpr):
+def _aligned_strides(stride_n, stride_c, stride_h, stride_w, VEC: tl.constexpr, CL: tl.constexpr):
     """The strides with every one but the unit stride written as a multiple of VEC (the launcher
     checked that they are): the compiler can then prove the alignment vector accesses need."""
     if VEC > 1:
-        sn = sn // VEC * VEC
-        sh = sh // VEC * VEC
+        stride_n = stride_n // VEC * VEC
+        stride_h = stride_h // VEC * VEC
         if CL:
-            sw = sw // VEC * VEC
+            stride_w = stride_w // VEC * VEC
         else:
-            sc = sc // VEC * VEC
-    return sn, sc, sh, sw
+            stride_c = stride_c // VEC * VEC
+    return stride_n, stride_c, stride_h, stride_w
 
 
 @triton.jit
@@ -458,8 +458,9 @@ def _meta_pool_backward_kernel(
     alpha_m5 = tl.zeros([PB, BLOCK], ACC)
     alpha_m7 = tl.zeros([PB, BLOCK], ACC)
 
-    # Row t of x enters the ring; output row p = t - R scatters its gradient into the element
-    # rows [p - R, p + R]; element row i = t - 2R has received everything and is finished.
+    # Three stages per step, named as in the C++ backward (csrc/cpu/meta_pool_kernel.cpp):
+    # arrive, row t of x enters the ring; scatter, output row p = t - R scatters its gradient into
+    # the element rows [p - R, p + R]; finish, element row i = t - 2R has received everything.
     for step in range(0, r1 - r0 + 4 * R):  # not pipelined: its registers are full
         t = r0 - 2 * R + step
         slot = step % RING

@@ -17,6 +17,7 @@ import torch
 
 from .. import _extension  # loads the C++ ops
 from ..reference import check_floating, check_input, check_same_device, compute_dtype
+from .layout import output_format
 
 __all__ = ["strip_gate"]
 
@@ -55,15 +56,8 @@ def strip_gate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels: shapes, dtypes and strides of the real ones. Outputs keep a channels_last input's
-# layout (downstream convs and pooling are faster in it) and are contiguous otherwise.
+# Fake kernels: shapes, dtypes and strides of the real ones (outputs in layout.output_format).
 # ---------------------------------------------------------------------------------------------
-def output_format(x: torch.Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 @torch.library.register_fake("metapool::strip_gate")
 def _strip_gate_fake(x, g_h, g_w, base=None, weight=None):
     _extension.keep_kernels_under_inductor()

@@ -26,6 +26,8 @@ EXAMPLES = """examples:
   python -m metapool_kernels.pmpl search --width 0.5 --epochs 30 --out runs/search
   python -m metapool_kernels.pmpl search --subset 6000 --epochs 2 --rho 0.1 --alpha-lr 0.01   # quick look
   python -m metapool_kernels.pmpl search --resume runs/search/checkpoint.pt   # continues in runs/search
+  python -m metapool_kernels.pmpl search --arch timm:mobilenetv3_small_100 --out runs/mnv3   # any network
+  python -m metapool_kernels.pmpl search --arch mynets:build_net --out runs/mine   # your own (mynets.py)
   python -m metapool_kernels.pmpl retrain --genotype runs/search/genotype.json --width 0.5 --epochs 200
   python -m metapool_kernels.pmpl retrain --enhancer none --width 0.5 --epochs 200 --out runs/none
   python -m metapool_kernels.pmpl eval runs/retrain/checkpoint.pt
@@ -73,8 +75,14 @@ def _add_data(p: argparse.ArgumentParser, defaults, meta: bool) -> None:
                    help="input size for --data-dir (default 224; <= 64 uses pad-and-crop augmentation)")
 
 
+ARCH_HELP = ("the network: mobilenetv2 (the package's, default; --width and --small-input apply), timm:NAME, "
+             "torchvision:NAME, or MODULE:FUNCTION (your function returning the network without enhancers, "
+             "called with num_classes= and in_chans= where it takes them); an enhancer follows every block")
+
+
 def _add_model(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("model")
+    g.add_argument("--arch", default=None, metavar="ARCH", help=ARCH_HELP)
     g.add_argument("--width", type=POSITIVE.arg(), default=defaults.width,
                    help="MobileNetV2 width multiplier (default %(default)s)")
     g.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
@@ -113,7 +121,8 @@ def _add_run(p: argparse.ArgumentParser, defaults) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="python -m metapool_kernels.pmpl",
-        description="Progressive Meta-Pooling Learning (PMPL): search the enhancer of every MobileNetV2 block, "
+        description="Progressive Meta-Pooling Learning (PMPL): search the enhancer after every block of a network "
+                    "(the package's MobileNetV2, a timm or torchvision model, or your own: --arch), "
                     "retrain the derived network from scratch, evaluate it.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{search,retrain,eval,export}")
@@ -172,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--workers", type=_nonneg_int, default=None,
                     help="data-loading processes (default: 4, or the number of cores if fewer)")
     pe.add_argument("--device", type=DEVICE.arg(str), default="auto")
+    pe.add_argument("--arch", default=None, metavar="MODULE:FUNCTION",
+                    help="for a network of your own code: the function that builds it (a checkpoint never names "
+                         "code to run); a timm or torchvision network is rebuilt from the checkpoint")
     pe.add_argument("--no-progress", dest="progress", action="store_false")
 
     px = sub.add_parser("export", help="the retrained network as an ONNX model, verified with ONNX Runtime",
@@ -184,13 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--images", type=_positive_int, default=1000, help="test images to verify on (default %(default)s)")
     px.add_argument("--data-dir", default=None, help="override the data set the checkpoint was trained on")
     px.add_argument("--atol", type=float, default=DEFAULT_ATOL, metavar="TOL",
-                    help="largest logit difference accepted between ONNX Runtime and PyTorch (default %(default)g)")
+                    help="largest logit difference accepted between ONNX Runtime and PyTorch, relative to the largest "
+                         "logit where that exceeds 1 (default %(default)g)")
+    px.add_argument("--arch", default=None, metavar="MODULE:FUNCTION",
+                    help="for a network of your own code: the function that builds it")
     return parser
 
 
 # What a genotype file's search settings give a retrain that does not set them itself: the network
 # it was searched for (width, input size, stem) on the same data.
-GENOTYPE_SETTINGS = (("width", "--width"), ("image_size", "--image-size"), ("small_input", "--small-input"),
+GENOTYPE_SETTINGS = (("arch", "--arch"), ("width", "--width"), ("image_size", "--image-size"), ("small_input", "--small-input"),
                      ("data_dir", "--data-dir"))
 
 
@@ -203,12 +218,15 @@ def _settings_from_genotype(args: argparse.Namespace, argv: List[str]) -> List[s
     """Fill retrain's unset network and data flags from the genotype file's search config; returns
     a note per setting taken."""
     from ..models import read_genotype_file
+    from .networks import is_own_code
 
     searched = read_genotype_file(args.genotype).get("config")
     if not isinstance(searched, dict):
         return []
     notes = []
     for key, flag in GENOTYPE_SETTINGS:
+        if key == "arch" and is_own_code(searched.get(key)):
+            continue  # a file never names code to run: the caller names it (--arch), or is told to
         if key in searched and not _given(argv, flag) and searched[key] != getattr(args, key):
             setattr(args, key, searched[key])
             notes.append(f"{key}={searched[key]!r}")
@@ -249,11 +267,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(accuracy_table([result_row(res)], title=f"Test accuracy after {res.epochs} epochs"))
         elif args.command == "export":
             from .export import export_checkpoint
-            export_checkpoint(args.checkpoint, args.out, images=args.images, data_dir=args.data_dir, atol=args.atol)
+            export_checkpoint(args.checkpoint, args.out, images=args.images, data_dir=args.data_dir, atol=args.atol,
+                              arch=args.arch)
         else:
             from .train import run_eval
             run_eval(args.checkpoint, data_dir=args.data_dir, test_subset=args.test_subset,
-                     batch_size=args.batch_size, workers=args.workers, device=args.device, progress=args.progress)
+                     batch_size=args.batch_size, workers=args.workers, device=args.device, progress=args.progress,
+                     arch=args.arch)
     except (OSError, ValueError, FloatingPointError) as e:
         # Missing or corrupt files, bad settings, an occupied --out, a diverging run: the message
         # names the file or flag and what to do; no traceback.

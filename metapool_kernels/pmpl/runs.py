@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..reference import PAPER_CANDIDATES, check_candidates
 from .checks import (BELOW_ONE, DEVICE, FLAG, NON_NEGATIVE, NON_NEGATIVE_INT, PATH, POSITIVE, POSITIVE_INT, SEED,
-                     Rule, check_fields)
+                     TEXT, Rule, check_fields)
 from .data import DataBundle, build_data
 from .distributed import DistEnv, seed_everything, setup_distributed
 
@@ -107,7 +107,9 @@ class RunConfig:
     batch_size: int = 128
     workers: int = DEFAULT_WORKERS
     image_size: Optional[int] = None
-    # model
+    # model: arch names the network (networks.py; None: the package's MobileNetV2, the one network
+    # width and small_input shape)
+    arch: Optional[str] = None
     width: float = 1.0
     small_input: Optional[bool] = None
     candidates: Tuple[str, ...] = PAPER_CANDIDATES
@@ -129,33 +131,50 @@ class RunConfig:
 
     # Fields a resumed run takes from the caller; everything else comes from the checkpoint.
     RUNTIME_FIELDS: ClassVar[Tuple[str, ...]] = ("device", "workers", "resume", "progress", "out_dir", "overwrite")
+    # Fields added since the first checkpoints; their defaults are what those runs did.
+    LATER_FIELDS: ClassVar[Tuple[str, ...]] = ("arch",)
     RULES: ClassVar[Dict[str, Rule]] = {
         "data_dir": PATH.optional(), "subset": POSITIVE_INT.optional(), "test_subset": POSITIVE_INT.optional(),
         "batch_size": POSITIVE_INT, "workers": NON_NEGATIVE_INT, "image_size": POSITIVE_INT.optional(),
-        "width": POSITIVE, "small_input": FLAG.optional(), "epochs": POSITIVE_INT, "lr": POSITIVE,
-        "momentum": BELOW_ONE, "weight_decay": NON_NEGATIVE, "device": DEVICE, "channels_last": FLAG.optional(),
+        "arch": TEXT.optional(), "width": POSITIVE, "small_input": FLAG.optional(), "epochs": POSITIVE_INT,
+        "lr": POSITIVE, "momentum": BELOW_ONE, "weight_decay": NON_NEGATIVE, "device": DEVICE, "channels_last": FLAG.optional(),
         "seed": SEED, "out_dir": PATH, "resume": PATH.optional(), "overwrite": FLAG, "progress": FLAG,
     }
 
     def __post_init__(self):
+        from .networks import PACKAGE_ARCH, check_arch
+
         self.candidates = check_candidates(self.candidates)
         check_fields(self, self.RULES)
+        check_arch(self.arch)
+        if self.arch not in (None, PACKAGE_ARCH) and (self.width != 1.0 or self.small_input is not None):
+            raise ValueError(f"width and small_input shape the package's MobileNetV2, not {self.arch}; name the "
+                             "variant in arch instead (e.g. timm:mobilenetv3_small_050)")
 
 
-def resume_config(cfg: RunConfig, kind: str):
+def resume_config(cfg: RunConfig, kind: str, model_given: bool = False):
     """(config, checkpoint) for a run that may resume: the checkpoint's saved config, except the
     fields that only say how this invocation runs (``RUNTIME_FIELDS``), which the caller's config
-    keeps. Without ``cfg.resume``: (cfg, None)."""
+    keeps, and the arch, which must be named again where it is one's own code (unless the caller
+    hands over the model itself, ``model_given``). Without ``cfg.resume``: (cfg, None)."""
     if not cfg.resume:
         return cfg, None
     ckpt = load_checkpoint(cfg.resume, kind=kind)
     saved = dict(ckpt["config"])
     names = {f.name for f in fields(cfg)}
     unknown = sorted(set(saved) - names)
-    missing = sorted(names - set(saved) - set(cfg.RUNTIME_FIELDS))
+    missing = sorted(names - set(saved) - set(cfg.RUNTIME_FIELDS) - set(cfg.LATER_FIELDS))
     if unknown or missing:
         raise ValueError(f"{cfg.resume}: its config " + (f"has unknown fields {unknown}" if unknown else
                                                          f"lacks the fields {missing}"))
+    from .networks import resolve_arch
+
+    # A checkpoint never names code to run: a run of one's own network resumes only when the
+    # caller names its factory again.
+    if not model_given:  # the caller builds the network from the config
+        described = ckpt.get("model_config")
+        handed_over = isinstance(described, dict) and "arch" in described and described["arch"] is None
+        saved["arch"] = resolve_arch(saved.get("arch"), cfg.arch, str(cfg.resume), recorded_as_code=handed_over)
     saved.update({k: getattr(cfg, k) for k in cfg.RUNTIME_FIELDS})
     try:
         return type(cfg)(**saved), ckpt
@@ -163,13 +182,13 @@ def resume_config(cfg: RunConfig, kind: str):
         raise ValueError(f"{cfg.resume}: its config is not valid: {e}") from e
 
 
-def start_run(cfg: RunConfig, kind: str, log):
+def start_run(cfg: RunConfig, kind: str, log, model_given: bool = False):
     """The start every run shares: resume, the run folder, processes, logging (main process only),
     seeds. Nothing is written here.
 
     Returns (cfg, checkpoint or None, DistEnv, log, RunFolder, JsonlLogger).
     """
-    cfg, ckpt = resume_config(cfg, kind)
+    cfg, ckpt = resume_config(cfg, kind, model_given)
     # Every process checks the folder before any of them can write into it (init_process_group
     # waits for all; the barrier does the same where the group already exists).
     folder = RunFolder(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite,

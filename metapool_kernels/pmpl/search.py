@@ -325,15 +325,25 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
     interruption would; ``cfg.resume`` continues from a checkpoint.
     """
     t_start = time.perf_counter()
-    cfg, ckpt, env, log, folder, logger = runs.start_run(cfg, "search", log)
+    cfg, ckpt, env, log, folder, logger = runs.start_run(cfg, "search", log, model_given=model is not None)
     if data is None:
         data = runs.run_data(cfg, env, cfg.meta_fraction)
     if data.meta is None:
         raise ValueError("the search needs a meta split (D_mt of Eq. 3); build the data with a meta_fraction")
-    model_cfg = None
     if model is None:
-        model_cfg = networks.run_model_config(cfg, "meta", data)
-        model = networks.build_model(model_cfg)
+        described = (ckpt or {}).get("model_config") or {}  # a resumed run's blocks
+        model_cfg = networks.run_model_config(cfg, "meta", data, blocks=described.get("blocks"))
+        model = networks.build_model(model_cfg, cfg.arch)
+    else:
+        model_cfg = None
+    if model_cfg is None or "arch" in model_cfg:
+        # Any network but the package's is described by where its enhancers are, so that a command
+        # can rebuild it (from cfg.arch, or the --arch its user names there).
+        from ..insert import block_names
+
+        blocks = block_names(model)
+        model_cfg = networks.arch_config(cfg.arch, "meta", num_classes=data.num_classes, in_chans=data.in_chans,
+                                         candidates=cfg.candidates, seed=cfg.seed, blocks=blocks) if blocks else None
     fmt = distributed.memory_format(cfg.channels_last, env.device)
     model.to(env.device, memory_format=fmt)
     layers = meta_layers(model)
@@ -454,7 +464,8 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
             f"L_mt {means['loss_mt']:.3f} acc_mt {means['acc_mt']:.1f}%  fixed {n_fixed}/{len(layers)}  "
             f"({record['seconds']:.0f} s)")
         ckpt_state = {
-            "kind": "search", "version": 1, "config": dataclasses.asdict(cfg), "model_config": model_cfg,
+            "kind": "search", "version": runs.CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
+            "model_config": model_cfg,
             "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
             "sched": sched.state_dict(), "state": dataclasses.asdict(state), "fixed": [m.fixed for m in layers],
             "rng": distributed.gather_rng_states(env), "world_size": env.world_size,

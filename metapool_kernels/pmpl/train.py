@@ -61,14 +61,14 @@ class TrainResult:
     classes: int = 0
 
 
-def resolve_enhancer(cfg: TrainConfig):
+def resolve_enhancer(cfg: TrainConfig, genotype_file: Optional[Dict[str, Any]] = None):
     """The genotype list from ``cfg.genotype`` (validated), else the enhancer name (default none)."""
-    from ..models import ENHANCERS, load_genotype
+    from ..models import ENHANCERS, read_genotype_file
 
     if cfg.genotype and cfg.enhancer:
         raise ValueError("give either a genotype file or an enhancer name, not both")
-    if cfg.genotype:
-        return load_genotype(cfg.genotype)
+    if cfg.genotype:  # its length is checked against the network's blocks where it is built
+        return (genotype_file or read_genotype_file(cfg.genotype))["genotype"]
     name = cfg.enhancer or "none"
     if name == "meta":
         raise ValueError("enhancer 'meta' is the searchable network: run `search`, then retrain its genotype")
@@ -78,12 +78,19 @@ def resolve_enhancer(cfg: TrainConfig):
     return name
 
 
-def _searched_width(genotype_path: Optional[str]) -> Optional[float]:
-    from ..models import read_genotype_file
+def genotype_network(cfg: TrainConfig, genotype_file: Dict[str, Any]) -> TrainConfig:
+    """``cfg`` with the arch of the network the genotype was searched for (refused when cfg names
+    another; one's own network only when cfg names its factory again)."""
+    described = genotype_file.get("model_config")
+    arch_key = isinstance(described, dict) and "arch" in described
+    recorded = described["arch"] if arch_key else None
+    arch = networks.resolve_arch(recorded, cfg.arch, f"genotype file {cfg.genotype!r}",
+                                 recorded_as_code=arch_key and recorded is None)
+    return dataclasses.replace(cfg, arch=arch)
 
-    if not genotype_path:
-        return None
-    model_config = read_genotype_file(genotype_path).get("model_config")
+
+def _searched_width(genotype_file: Optional[Dict[str, Any]]) -> Optional[float]:
+    model_config = (genotype_file or {}).get("model_config")
     return model_config.get("width_mult") if isinstance(model_config, dict) else None
 
 
@@ -91,30 +98,43 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
               name: Optional[str] = None, stop_after_epochs: Optional[int] = None, log=print) -> TrainResult:
     """Train from scratch, checkpoint every epoch, evaluate top-1/top-5 on the test split."""
     t_start = time.perf_counter()
-    cfg, ckpt, env, log, folder, logger = runs.start_run(cfg, "train", log)
+    cfg, ckpt, env, log, folder, logger = runs.start_run(cfg, "train", log, model_given=model is not None)
     enhancer = None
     if ckpt and ckpt.get("model_config"):
         with runs.restoring(cfg.resume, "the network"):
             enhancer = ckpt["model_config"]["enhancer"]
+    genotype_file = None
     if model is None and enhancer is None:
-        enhancer = resolve_enhancer(cfg)
-        searched = _searched_width(cfg.genotype)
+        if cfg.genotype:
+            from ..models import read_genotype_file
+
+            genotype_file = read_genotype_file(cfg.genotype)
+            cfg = genotype_network(cfg, genotype_file)
+        enhancer = resolve_enhancer(cfg, genotype_file)
+        searched = _searched_width(genotype_file)
         if searched is not None and searched != cfg.width:
             log(f"note: the genotype was searched at width {searched}; retraining at width {cfg.width}")
     if name is None and ckpt is not None:
         name = ckpt.get("name")
     if name is None:
-        name = ("model" if enhancer is None else
-                "MobileNetV2 + genotype" if isinstance(enhancer, list) else f"MobileNetV2 + {enhancer}")
+        name = ("model" if enhancer is None else f"{networks.network_name(cfg.arch)} + " +
+                ("genotype" if isinstance(enhancer, list) else enhancer))
 
     if data is None:
         data = runs.run_data(cfg, env, None)
     model_cfg = None
     if model is None:
-        model_cfg = networks.run_model_config(cfg, enhancer, data)
+        # The blocks the enhancers follow: the genotype's, or those a resumed run recorded.
+        described = (ckpt or {}).get("model_config") or genotype_file or {}
+        blocks = described.get("blocks") if isinstance(described, dict) else None
+        model_cfg = networks.run_model_config(cfg, enhancer, data, blocks=blocks)
         # A resumed enhancer comes from the checkpoint: a bad one is the file's fault.
         with runs.restoring(cfg.resume, "the network") if ckpt else contextlib.nullcontext():
-            model = networks.build_model(model_cfg)
+            model = networks.build_model(model_cfg, cfg.arch)
+        if "arch" in model_cfg:  # where the enhancers went, for commands that rebuild it
+            from ..insert import block_names
+
+            model_cfg["blocks"] = block_names(model)
     fmt = distributed.memory_format(cfg.channels_last, env.device)
     model.to(env.device, memory_format=fmt)
     info = networks.describe_model(model, data.in_chans, data.image_size)
@@ -194,7 +214,8 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
             + (f"  test top-1 {test['top1']:.2f}%" + (f" top-5 {test['top5']:.2f}%" if shows_top5(test) else "")
                if test else "")
             + f"  ({record['seconds']:.0f} s)")
-        state = {"kind": "train", "version": 1, "config": dataclasses.asdict(cfg), "model_config": model_cfg,
+        state = {"kind": "train", "version": runs.CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
+                 "model_config": model_cfg,
                  "name": name, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "epoch": epoch, "history": history, "rng": distributed.gather_rng_states(env),
                  "world_size": env.world_size, "data": {"train": data.train.state_dict()}}
@@ -214,8 +235,9 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
 
 def run_eval(checkpoint: str, *, data_dir: Optional[str] = None, test_subset: Optional[int] = None,
              batch_size: int = 256, workers: Optional[int] = None, device: str = "auto", progress: bool = True,
-             log=print) -> Dict[str, Any]:
-    """Top-1/top-5 of a checkpoint (``train`` or ``search``) on the test split of its data set."""
+             arch: Optional[str] = None, log=print) -> Dict[str, Any]:
+    """Top-1/top-5 of a checkpoint (``train`` or ``search``) on the test split of its data set
+    (``arch``: the factory of one's own network, which a checkpoint never names to run)."""
     from .search import SearchConfig
 
     POSITIVE_INT.check("batch_size", batch_size)
@@ -225,7 +247,7 @@ def run_eval(checkpoint: str, *, data_dir: Optional[str] = None, test_subset: Op
     ckpt = runs.load_checkpoint(checkpoint)
     with runs.restoring(checkpoint, "the run's config"):
         cfg = (SearchConfig if ckpt["kind"] == "search" else TrainConfig)(**ckpt["config"])
-    model = networks.model_from_checkpoint(ckpt, checkpoint)
+    model = networks.model_from_checkpoint(ckpt, checkpoint, arch)
     env = distributed.setup_distributed(device)
     log = log if env.is_main else (lambda *a, **k: None)
     data = build_data(data_dir=data_dir if data_dir is not None else cfg.data_dir, batch_size=batch_size,
