@@ -125,6 +125,13 @@ def test_own_network_searched_in_python_continues_on_the_command_line(tmp_path, 
     assert log[0]["config"]["arch"] == "my_nets:build"
 
 
+def test_library_names_with_a_tag_build_untrained():
+    model = plain_network("timm:mobilenetv3_small_050.lamb_in1k", num_classes=3, in_chans=1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    model = plain_network("torchvision:mobilenet_v3_small", num_classes=3, in_chans=1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)  # the first conv takes the data's channels
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--arch", "timm:no_such_net"], "timm has no model 'no_such_net'"),
     (["--arch", "torchvision:no_such_net"], "torchvision has no model 'no_such_net'"),

@@ -70,7 +70,7 @@ def plain_network(arch: str, num_classes: int, in_chans: int) -> nn.Module:
     if kind == "timm":
         import timm
 
-        if name not in timm.list_models():
+        if not timm.is_model(name):  # names with a pretrained tag (NAME.TAG) count; weights are not loaded
             raise ValueError(f"timm has no model {name!r} (timm.list_models() lists them)")
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
     if kind == "torchvision":
