@@ -116,6 +116,28 @@ def run_model_config(cfg: RunConfig, enhancer, data: DataBundle, blocks: Optiona
                        candidates=cfg.candidates, seed=cfg.seed, blocks=blocks)
 
 
+def build_for_run(cfg: RunConfig, enhancer, data: DataBundle, blocks: Optional[Sequence[str]] = None):
+    """(model, its description) for a run: the network ``cfg`` names with ``enhancer``; a network
+    other than the package's records the blocks its enhancers follow, for commands that rebuild it."""
+    from ..insert import block_names
+
+    model_cfg = run_model_config(cfg, enhancer, data, blocks)
+    model = build_model(model_cfg, cfg.arch)
+    if "arch" in model_cfg:
+        model_cfg["blocks"] = block_names(model)
+    return model, model_cfg
+
+
+def handed_over_config(cfg: RunConfig, enhancer, data: DataBundle, model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The description of a model handed to the Python API, where insert_enhancers put its
+    enhancers (None otherwise: no command can rebuild it)."""
+    from ..insert import block_names
+
+    blocks = block_names(model)
+    return arch_config(cfg.arch, enhancer, num_classes=data.num_classes, in_chans=data.in_chans,
+                       candidates=cfg.candidates, seed=cfg.seed, blocks=blocks) if blocks else None
+
+
 def arch_config(arch: Optional[str], enhancer, *, num_classes: int, in_chans: int, candidates: Sequence[str],
                 seed: int, blocks: Optional[Sequence[str]]) -> Dict[str, Any]:
     """The description of a network that is not the package's MobileNetV2 (``arch`` None: a model
@@ -146,15 +168,19 @@ def resolve_arch(recorded: Optional[str], given: Optional[str], where: str,
 
 
 def build_model(model_config: Dict[str, Any], arch: Optional[str] = None) -> nn.Module:
-    """The network a checkpoint or genotype file describes (see :func:`run_model_config`);
-    ``arch`` is the caller's, needed where the description names one's own code."""
+    """The network a description holds (see :func:`run_model_config`); ``arch``: the caller's,
+    already checked against a file's record (:func:`resolve_arch`), for a network the description
+    cannot name (a model handed to the Python API)."""
     from ..insert import insert_enhancers
     from ..models import mobilenet_v2
 
     cfg = dict(model_config)
     if "arch" not in cfg:  # the package's MobileNetV2
         return mobilenet_v2(enhancer=cfg.pop("enhancer"), **cfg)
-    arch = resolve_arch(cfg["arch"], arch, "the description", recorded_as_code=cfg["arch"] is None)
+    arch = arch or cfg["arch"]
+    if arch is None:
+        raise ValueError("the description is of a model handed to the Python API: pass arch= (--arch) naming the "
+                         "function that builds it without enhancers")
     model = plain_network(arch, cfg["num_classes"], cfg["in_chans"])
     enhancer = cfg["enhancer"]
     if isinstance(enhancer, list):  # a genotype: refused unless it fits the network's blocks
@@ -169,7 +195,7 @@ def model_from_checkpoint(ckpt: Dict[str, Any], path: Path | str, arch: Optional
         raise ValueError(f"{path} was written for a model built in Python without insert_enhancers; evaluate "
                          "it with metapool_kernels.pmpl.evaluate")
     if "arch" in description:
-        resolve_arch(description["arch"], arch, str(path), recorded_as_code=description["arch"] is None)
+        arch = resolve_arch(description["arch"], arch, str(path), recorded_as_code=description["arch"] is None)
     elif arch not in (None, PACKAGE_ARCH):
         raise ValueError(f"{path} holds the package's MobileNetV2, not {arch!r}")
     with restoring(path, "the network"):

@@ -332,18 +332,9 @@ def run_search(cfg: SearchConfig, *, model: Optional[nn.Module] = None, data: Op
         raise ValueError("the search needs a meta split (D_mt of Eq. 3); build the data with a meta_fraction")
     if model is None:
         described = (ckpt or {}).get("model_config") or {}  # a resumed run's blocks
-        model_cfg = networks.run_model_config(cfg, "meta", data, blocks=described.get("blocks"))
-        model = networks.build_model(model_cfg, cfg.arch)
+        model, model_cfg = networks.build_for_run(cfg, "meta", data, blocks=described.get("blocks"))
     else:
-        model_cfg = None
-    if model_cfg is None or "arch" in model_cfg:
-        # Any network but the package's is described by where its enhancers are, so that a command
-        # can rebuild it (from cfg.arch, or the --arch its user names there).
-        from ..insert import block_names
-
-        blocks = block_names(model)
-        model_cfg = networks.arch_config(cfg.arch, "meta", num_classes=data.num_classes, in_chans=data.in_chans,
-                                         candidates=cfg.candidates, seed=cfg.seed, blocks=blocks) if blocks else None
+        model_cfg = networks.handed_over_config(cfg, "meta", data, model)
     fmt = distributed.memory_format(cfg.channels_last, env.device)
     model.to(env.device, memory_format=fmt)
     layers = meta_layers(model)

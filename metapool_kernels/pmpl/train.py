@@ -127,14 +127,9 @@ def run_train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, data: Opti
         # The blocks the enhancers follow: the genotype's, or those a resumed run recorded.
         described = (ckpt or {}).get("model_config") or genotype_file or {}
         blocks = described.get("blocks") if isinstance(described, dict) else None
-        model_cfg = networks.run_model_config(cfg, enhancer, data, blocks=blocks)
         # A resumed enhancer comes from the checkpoint: a bad one is the file's fault.
         with runs.restoring(cfg.resume, "the network") if ckpt else contextlib.nullcontext():
-            model = networks.build_model(model_cfg, cfg.arch)
-        if "arch" in model_cfg:  # where the enhancers went, for commands that rebuild it
-            from ..insert import block_names
-
-            model_cfg["blocks"] = block_names(model)
+            model, model_cfg = networks.build_for_run(cfg, enhancer, data, blocks=blocks)
     fmt = distributed.memory_format(cfg.channels_last, env.device)
     model.to(env.device, memory_format=fmt)
     info = networks.describe_model(model, data.in_chans, data.image_size)
