@@ -101,11 +101,6 @@ def shape_str(shape: Sequence[int]) -> str:
     return "×".join(str(s) for s in shape)
 
 
-def geomean(values: Sequence[float]) -> Optional[float]:
-    vals = [v for v in values if v and v > 0]
-    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Merging runs.
 # ---------------------------------------------------------------------------------------------
@@ -284,17 +279,6 @@ def _setting_label(r: Dict[str, Any]) -> str:
 def _settings(rows: Sequence[Dict[str, Any]]) -> List[Tuple]:
     keys = {(r["batch"], r["dtype"], r["resolution"], r.get("memory_format", "contiguous")) for r in rows}
     return sorted(keys, key=lambda k: (k[3] != "contiguous", k[1] != "float32", k[0], k[2]))
-
-
-def _overheads(d: Device, variant: str) -> List[Tuple[str, float]]:
-    rows = d.suite("model")
-    base = {(r["batch"], r["dtype"], r["resolution"], r.get("memory_format")): r for r in rows if r["variant"] == "skip"}
-    out = []
-    for r in rows:
-        k = (r["batch"], r["dtype"], r["resolution"], r.get("memory_format"))
-        if r["variant"] == variant and k in base:
-            out.append((_setting_label(r), 100.0 * (r["median_ms"] / base[k]["median_ms"] - 1.0)))
-    return out
 
 
 def ops_section(d: Device) -> str:

@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What a genotype file's search settings give a retrain that does not set them itself: the network
 # it was searched for (width, input size, stem) on the same data.
-GENOTYPE_SETTINGS = (("arch", "--arch"), ("width", "--width"), ("image_size", "--image-size"), ("small_input", "--small-input"),
-                     ("data_dir", "--data-dir"))
+GENOTYPE_SETTINGS = (("arch", "--arch"), ("width", "--width"), ("image_size", "--image-size"),
+                     ("small_input", "--small-input"), ("data_dir", "--data-dir"))
 
 
 def _given(argv: List[str], flag: str) -> bool:

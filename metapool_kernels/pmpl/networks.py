@@ -162,7 +162,7 @@ def resolve_arch(recorded: Optional[str], given: Optional[str], where: str,
         if recorded is not None and given != recorded:
             raise ValueError(f"{where} was made with arch {recorded!r}, not {given!r}")
         return given
-    if given is not None and (given or PACKAGE_ARCH) != (recorded or PACKAGE_ARCH):
+    if given is not None and given != (recorded or PACKAGE_ARCH):
         raise ValueError(f"{where} was made with arch {recorded or PACKAGE_ARCH!r}, not {given!r}")
     return recorded
 
