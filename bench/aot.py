@@ -7,8 +7,9 @@ A *launch* is captured by running the launchers of :mod:`metapool_kernels.ops.me
 on fake CUDA tensors (``FakeTensorMode``) with the kernels replaced by recorders, under the GPU
 launch layout of a given SM count: the kernel, its arguments, constexprs and warps are the real
 ones. A *job* is a launch made JSON: pointer dtypes, integer arguments specialised the way Triton's
-JIT specialises them (1 → constexpr, multiples of 16 → divisible by 16; tensors are 16-byte
-aligned), so the compiled code is the code a GPU would run. The worker compiles each job with
+JIT specialises them under each kernel's ``do_not_specialize`` settings (1 → constexpr, multiples
+of 16 → divisible by 16; tensors are 16-byte aligned), so the compiled code is the code a GPU
+would run, and launches with equal :func:`compile_key` share one compile. The worker compiles each job with
 ``triton.compile`` for ``GPUTarget('cuda', arch, 32)`` and reports registers, spills, shared
 memory (ptxas) and the global load/store instructions of the PTX with their widths.
 
@@ -37,8 +38,10 @@ KERNELS = ("_meta_pool_forward_kernel", "_meta_pool_backward_kernel", "_strip_re
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 # H100 SXM (sm_90): 132 SMs, per SM 64 K registers, 64 warps, 32 blocks, 228 KiB shared memory.
+# Issue: 4 schedulers per SM, each one warp instruction per clock, at the 1.755 GHz boost clock;
+# memory: 3.0 TB/s, what streaming kernels reach of the 3.35 TB/s HBM3 peak.
 H100 = dict(sms=132, regs_per_sm=65536, max_warps=64, max_blocks=32, smem_per_sm=228 * 1024,
-            smem_reserved_per_block=1024, hbm_bytes_per_s=3.35e12)
+            smem_reserved_per_block=1024, hbm_bytes_per_s=3.0e12, issue_per_sm_per_s=4 * 1.755e9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,17 +87,99 @@ def capture_launches(shape: Sequence[int], names: Sequence[str], dtype: torch.dt
         for k, v in saved.items():
             setattr(mpt, k, v)
     for launch in launches:
-        launch["args"] = [_describe_arg(a) for a in launch["args"]]
+        fn = saved[launch["kernel"]]
+        names = [n for n in fn.arg_names if n not in launch["constexprs"]]
+        launch["ints"] = {n: a for a, n in zip(launch["args"], names) if isinstance(a, int) and not isinstance(a, bool)}
+        launch["args"] = [_describe_arg(a, n) for a, n in zip(launch["args"], names)]
         launch["constexprs"] = {k: _describe_constexpr(v) for k, v in launch["constexprs"].items()}
     return launches
 
 
-def _describe_arg(a):
+# aten ops that only describe memory (views, allocations): they launch nothing on the device.
+_NO_LAUNCH = {"view", "_unsafe_view", "reshape", "permute", "expand", "t", "transpose", "unsqueeze", "squeeze",
+              "slice", "select", "as_strided", "alias", "detach", "empty", "empty_like", "empty_strided",
+              "new_empty", "new_empty_strided", "lift_fresh", "sym_size", "sym_stride", "sym_numel",
+              "sym_storage_offset", "is_contiguous", "split", "unbind", "device", "dim", "size", "stride",
+              "numel"}
+
+
+def count_launches(shape: Sequence[int], names: Sequence[str], dtype: torch.dtype = torch.float32,
+                   channels_last: bool = False, fixed: bool = False, sms: int = H100["sms"]) -> Dict[str, Any]:
+    """Device kernels one forward and one backward of the op launch on CUDA tensors of ``shape``:
+    the Triton kernels plus every aten op that computes (each one CUDA kernel at least), with
+    the ops by name. Fake tensors: nothing runs, no GPU is needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: List[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _NO_LAUNCH:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    from metapool_kernels.ops import meta_pool_triton as mpt
+    result: Dict[str, Any] = {}
+    saved = {k: getattr(mpt, k) for k in KERNELS + ("_on_device",)}
+    try:
+        mpt._on_device = lambda t: contextlib.nullcontext()
+        C = shape[1]
+        with FakeTensorMode(), mpt.gpu_layout(sms):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            x = torch.empty(tuple(shape), dtype=dtype, device="cuda").contiguous(memory_format=fmt)
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            pi = None if fixed else torch.empty(len(names), dtype=acc, device="cuda")
+            gates = [torch.empty(s, device="cuda") for s in ((C, C, 1), (C,), (C, C, 1), (C,))]
+            grad = torch.empty_like(x)
+            cands = ",".join(names)
+            for direction in ("forward", "backward"):
+                ops = _Ops()
+                for k in KERNELS:
+                    setattr(mpt, k, _Recorder(k, []))
+                    getattr(mpt, k).launches = ops.ops  # a Triton launch is one entry among the aten ops
+                with ops:
+                    if direction == "forward":
+                        out, z_h, z_w = mpt.forward(x, pi, *gates, cands)
+                    else:
+                        mpt.backward(grad, x, pi, *gates, z_h, z_w, cands)
+                kernels = [o if isinstance(o, str) else o["kernel"].strip("_") for o in ops.ops]
+                result[direction] = dict(launches=len(kernels), kernels=kernels)
+    finally:
+        for k, v in saved.items():
+            setattr(mpt, k, v)
+    return result
+
+
+def _describe_arg(a, name: str):
+    """A kernel argument as the JIT sees it: a pointer's dtype, or an integer with its
+    specialisation under the kernels' do_not_specialize settings (Triton's rule: 1 becomes a
+    constant, a multiple of 16 is marked divisible, unless the parameter opts out). The settings
+    are read from the lists the kernels' decorator is built from, which the interpreter, where
+    the kernels are plain functions, keeps too."""
+    from metapool_kernels.ops import meta_pool_triton as mpt
     if isinstance(a, torch.Tensor):
         return {"pointer": TRITON_DTYPES[a.dtype]}
     if isinstance(a, bool) or not isinstance(a, int):
         raise TypeError(f"unexpected kernel argument {a!r}")
-    return {"int": a}
+    ty = "i32" if -2**31 <= a < 2**31 else "i64"
+    if name in mpt._RUNTIME_INTS:
+        spec = [ty, None]
+    elif a == 1:
+        spec = ["constexpr", 1]
+    else:
+        spec = [ty, "D" if a % 16 == 0 and name not in mpt._MAYBE_UNIT_STRIDES else ""]
+    return {"int": a, "spec": spec}
+
+
+def compile_key(launch: Dict[str, Any]) -> str:
+    """What Triton's JIT caches a compiled kernel by: the kernel, its constexprs, each argument's
+    specialisation and the warps. Two launches with the same key share one compile."""
+    args = [a.get("spec", a) for a in launch["args"]]
+    return json.dumps([launch["kernel"], launch["constexprs"], args, launch["num_warps"]], sort_keys=True)
 
 
 def _describe_constexpr(v):
@@ -134,12 +219,12 @@ def _compile(job: Dict[str, Any]):
         if "pointer" in arg:
             signature[name] = "*" + arg["pointer"]
             attrs[idx] = [["tt.divisibility", 16]]  # the caching allocator aligns every tensor
-        elif arg["int"] == 1:  # Triton's JIT turns an integer 1 into a constant
+        elif arg["spec"][0] == "constexpr":  # the JIT turned an integer 1 into a constant
             signature[name] = "constexpr"
             constexprs[name] = 1
         else:
-            signature[name] = "i32" if -2**31 <= arg["int"] < 2**31 else "i64"
-            if arg["int"] % 16 == 0:
+            signature[name] = arg["spec"][0]
+            if arg["spec"][1] == "D":
                 attrs[idx] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
@@ -184,12 +269,63 @@ def ptx_memory_ops(ptx: str) -> Dict[str, Dict[str, int]]:
     return {op: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for op, c in counts.items()}
 
 
+def disassemble(cubin: bytes) -> str:
+    """The SASS of a cubin, from the nvdisasm that ships with Triton."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    nvdisasm = Path(get_ptxas(90).path).with_name("nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr)
+    return res.stdout
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):", re.M)
+
+
+def sass_loops(sass: str) -> List[Dict[str, int]]:
+    """The loops of a kernel's SASS: each backward branch closes one, from its target label to the
+    branch. Per loop: its instructions (NOPs excluded; one pass of the body) and its barriers
+    (BAR.SYNC, one per shared-memory round trip of the block), innermost loops first."""
+    lines = sass.splitlines()
+    labels, instrs = {}, []  # label -> index of the next instruction; [(text)]
+    for line in lines:
+        m = _SASS_LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = _SASS_LINE.search(line)
+        if m:
+            instrs.append(m.group(2))
+    loops = []
+    for end, text in enumerate(instrs):
+        m = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", text)
+        if m and labels.get(m.group(1), end + 1) <= end:
+            body = instrs[labels[m.group(1)]:end + 1]
+            loops.append(dict(start=labels[m.group(1)], end=end,
+                              instructions=sum(1 for t in body if not t.startswith("NOP")),
+                              barriers=sum(1 for t in body if "BAR.SYNC" in t)))
+    innermost = [lp for lp in loops if not any(o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"]
+                                               for o in loops)]
+    return sorted(innermost, key=lambda lp: -lp["instructions"]) + [lp for lp in loops if lp not in innermost]
+
+
 def compile_job(job: Dict[str, Any]) -> Dict[str, Any]:
     kernel = _compile(job)
     ptx = kernel.asm["ptx"]
     res = dict(id=job["id"], **_ptxas(ptx, job["arch"]))
     res["shared"] = int(getattr(kernel.metadata, "shared", 0))
     res.update(ptx_memory_ops(ptx))
+    sass = disassemble(kernel.asm["cubin"])
+    loops = sass_loops(sass)
+    # The row loop: the innermost loop with the most instructions (each kernel has one row loop;
+    # a loop the compiler adds, e.g. for a division, is smaller).
+    res["sass_instructions"] = sum(1 for m in _SASS_LINE.finditer(sass) if not m.group(2).startswith("NOP"))
+    res["loop_instructions"] = loops[0]["instructions"] if loops else 0
+    res["loop_barriers"] = loops[0]["barriers"] if loops else 0
     return res
 
 

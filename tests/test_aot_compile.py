@@ -52,8 +52,7 @@ def _jobs():
     jobs = {}
     for arch, shape, names, dtype, channels_last, fixed in _cases():
         for launch in aot.capture_launches(shape, names, dtype, channels_last, fixed):
-            key = json.dumps([arch, launch["kernel"], launch["args"], launch["constexprs"], launch["num_warps"]],
-                             sort_keys=True)
+            key = f"sm{arch}:" + aot.compile_key(launch)
             if key not in jobs:
                 c = launch["constexprs"]
                 mode = "fixed-" + names[0] if fixed else ("search" if len(names) > 1 else names[0])
@@ -112,5 +111,107 @@ def test_predicted_table_renders():
     assert data is not None, f"{predicted.OUT_FILE} is missing: run python -m bench.predicted"
     text = predicted.render(data)
     assert text.startswith("**Predicted, not measured.**")
-    assert "no spills" in text and "resident" in text and "roofline" in text.lower()
+    for needle in ("memory-bound by the SASS", "no spills", "resident warps", "instructions per element",
+                   "barriers per row step", "launches", "search step (fwd + bwd)", "derived, every layer max3"):
+        assert needle in text, needle
     assert all("error" not in c for c in data["configs"]), [c["error"] for c in data["configs"] if "error" in c]
+
+
+# MobileNetV2-1.0's 17 Meta-Pooling layers (C, H = W) at 224×224.
+MOBILENET_V2_LAYERS = ([(16, 112)] + [(24, 56)] * 2 + [(32, 28)] * 3 + [(64, 14)] * 4 + [(96, 14)] * 3
+                       + [(160, 7)] * 3 + [(320, 7)])
+
+
+def _compile_keys(batch, names_per_layer, dtype=torch.float32, channels_last=False):
+    """The distinct compiles (Triton's cache keys) one step of the network's layers needs."""
+    keys = set()
+    for (C, H), names in zip(MOBILENET_V2_LAYERS, names_per_layer):
+        fixed = len(names) == 1
+        for launch in aot.capture_launches((batch, C, H, H), names, dtype, channels_last, fixed):
+            keys.add(aot.compile_key(launch))
+    return keys
+
+
+def _tile_classes(keys):
+    """The same keys with the argument specialisations dropped: one per (kernel, constexprs, warps)."""
+    return {json.dumps([k[0], k[1], k[3]], sort_keys=True) for k in map(json.loads, keys)}
+
+
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True)])
+def test_a_search_compiles_once_per_tile_class(dtype, channels_last):
+    """A 17-layer search step compiles one kernel per (kernel, op set, tile class): no layer shape,
+    stride or batch size adds a variant, so a new batch size (a last partial batch, batch 1)
+    compiles nothing new."""
+    search = [PAPER_CANDIDATES] * len(MOBILENET_V2_LAYERS)
+    keys = _compile_keys(128, search, dtype, channels_last)
+    assert len(keys) == len(_tile_classes(keys))
+    assert _compile_keys(100, search, dtype, channels_last) | _compile_keys(1, search, dtype, channels_last) <= keys
+    print(f"\nsearch step, {dtype} {'NHWC' if channels_last else 'NCHW'}: {len(keys)} compiles for 17 layers")
+
+
+def test_a_derived_network_compiles_once_per_tile_class():
+    """A derived network (each layer one fixed op) at batch 1 and 128: the same compiles."""
+    ops = [n for n in PAPER_CANDIDATES if n != "skip"]
+    derived = [(ops[i % len(ops)],) for i in range(len(MOBILENET_V2_LAYERS))]
+    keys = _compile_keys(1, derived)
+    assert len(keys) == len(_tile_classes(keys))
+    assert _compile_keys(128, derived) == keys and _compile_keys(7, derived) == keys
+    print(f"\nderived network: {len(keys)} compiles for 17 layers")
+
+
+def test_compile_key_sees_specialisation():
+    """The key would see a variant: an integer argument Triton specialises (here the unit stride
+    of a column-sliced input becomes 2, no longer the constant 1)."""
+    keys = {aot.compile_key(la) for la in aot.capture_launches((2, 8, 14, 14), ("max3",), fixed=True)}
+    assert aot._describe_arg(1, "sxw")["spec"] == ["constexpr", 1] and aot._describe_arg(2, "sxw")["spec"] == ["i32", ""]
+    assert aot._describe_arg(1, "sxh")["spec"] == aot._describe_arg(32, "sxh")["spec"] == ["i32", None]
+    assert len(keys) == 2  # forward and backward
+
+
+SASS_SNIPPET = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+.L_x_0:
+        /*0030*/                   FADD R3, R3, R2 ;
+        /*0040*/               @P0 BRA `(.L_x_0) ;
+        /*0050*/                   NOP;
+        /*0060*/               @P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+.L_x_2:
+        /*0080*/                   BRA `(.L_x_2);
+"""
+
+
+def test_sass_loop_reader():
+    """Loops are read off backward branches, innermost first; NOPs are not instructions."""
+    loops = aot.sass_loops(SASS_SNIPPET)
+    assert [(lp["instructions"], lp["barriers"]) for lp in loops] == [(2, 0), (1, 0), (5, 1)]
+
+
+def test_launch_bounds():
+    """Issue time counts the busiest SM's programs; the prediction is the larger bound."""
+    from bench import predicted
+    gpu = aot.H100
+    b = predicted.launch_bounds("_meta_pool_forward_kernel", (gpu["sms"] + 1, 1, 1), 8, 10, 100, 3_000_000)
+    assert b["issue_us"] == pytest.approx(2 * 8 * 10 * 100 / gpu["issue_per_sm_per_s"] * 1e6)
+    assert b["memory_us"] == pytest.approx(1.0) and b["predicted_us"] == max(b["issue_us"], b["memory_us"])
+
+
+@pytest.mark.parametrize("op", [n for n in PAPER_CANDIDATES if n not in ("skip", "strip")])
+def test_a_fixed_pooling_layer_launches_one_kernel_each_way(op):
+    """A derived network's pooling layer is one device kernel forward and one backward: no torch op
+    around it (counted on fake CUDA tensors, where nothing runs)."""
+    for channels_last in (False, True):
+        counts = aot.count_launches((1, 96, 14, 14), (op,), channels_last=channels_last, fixed=True)
+        assert counts["forward"]["kernels"] == ["meta_pool_forward_kernel"], counts
+        assert counts["backward"]["kernels"] == ["meta_pool_backward_kernel"], counts
+
+
+def test_launch_counter_sees_torch_ops():
+    """The counter counts the torch ops around the kernels too: the strip gates' maths."""
+    counts = aot.count_launches((2, 8, 14, 14), PAPER_CANDIDATES)
+    fwd = counts["forward"]["kernels"]
+    assert fwd[0] == "strip_reduce_kernel" and fwd[-1] == "meta_pool_forward_kernel" and "sigmoid" in fwd
+    print(f"\nsearch layer: {counts['forward']['launches']} launches forward, {counts['backward']['launches']} backward")

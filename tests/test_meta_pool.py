@@ -188,10 +188,30 @@ def test_mobilenet_shapes_cuda(dtype, shape):
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
 def test_layouts_match_contiguous(device, layout):
+    """Every layout agrees with the contiguous one: bitwise in the interpreter, which reduces in
+    the same order whatever the strides; on a GPU, channels_last compiles another tile (another
+    order of the strip sums), so there within docs/DESIGN.md's tolerance."""
     _, out, gx = run_and_check((1, 2, 5, 6), PAPER_CANDIDATES, device, layout=layout)
     _, out_c, gx_c = run_and_check((1, 2, 5, 6), PAPER_CANDIDATES, device)
-    torch.testing.assert_close(out, out_c, rtol=0, atol=0)
-    torch.testing.assert_close(gx, gx_c, rtol=0, atol=0)
+    if device == "cpu":
+        torch.testing.assert_close(out, out_c, rtol=0, atol=0)
+        torch.testing.assert_close(gx, gx_c, rtol=0, atol=0)
+    else:
+        assert_rel_close(out, out_c, TOL[torch.float32], f"{layout} out")
+        assert_rel_close(gx, gx_c, TOL[torch.float32] * X_GRAD_MULT, f"{layout} grad x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fixed", [None, "avg5", "max7", "strip"])
+@pytest.mark.parametrize("shape", [(2, 24, 56, 56), (2, 32, 28, 28), (1, 96, 14, 14), (2, 160, 7, 7)])
+def test_channels_last_vectorised_cuda(dtype, fixed, shape):
+    """channels_last with C a multiple of 4: the NHWC launches with 4-wide vector accesses
+    (VEC = 4), against the reference, in every tile class a real GPU picks for these planes."""
+    from metapool_kernels.ops import meta_pool_triton as mpt
+    x = torch.empty(shape, device="cuda").contiguous(memory_format=torch.channels_last)
+    assert mpt._Grid.for_tensors((x, x), 0, mpt.FORWARD_MAX_BLOCK).vec == 4
+    run_and_check(shape, PAPER_CANDIDATES, "cuda", dtype=dtype, fixed=fixed, layout="channels_last")
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -31,12 +31,16 @@ How the kernels walk a plane: each program owns PB channels of one sample, a til
 a chunk of rows it visits one by one; a [PB, BLOCK] register tile is one row of those channels.
 Every tensor is addressed through its strides, so NCHW and channels_last (NHWC) inputs are both
 read in place; in NHWC the PB channels are the contiguous axis. Window ops are separable: a row's
-horizontal partials (sums / maxima / argmax over k columns) come from shifted loads of that row;
-the vertical half reduces over a ring of the last RING rows' partials held in registers, so k=3, 5
-and 7 share one ring slot per row instead of three independent windows. The forward's and the
-strip reductions' row loops are software-pipelined (``tl.range(..., num_stages=2)``): on the GPU
-the next row's loads are in flight as asynchronous copies while the current row computes (the
-backward's registers are too full for it: pipelined, it spills). No atomics anywhere:
+horizontal partials (sums / maxima / argmax over k columns) come from shifted loads of that row,
+one set of loads for k = 3, 5 and 7. The forward's vertical half reduces over delay lines: each
+candidate keeps the partials of the rows its window still needs as separate registers (l0 the row
+just read), and a window is a sum or max over fixed line positions, so the compiled loop does
+only the window's own arithmetic and one register move per line entry per row. The backward's
+vertical half reduces over a ring of the last RING rows' partials ([RING, PB, BLOCK]). The strip
+reductions' row loops are software-pipelined (``tl.range(..., num_stages=2)``): on the GPU the
+next row's loads are in flight as asynchronous copies while the current row computes. What each
+loop compiles to (SASS instructions per element, barriers per row step) is read off the AOT
+builds by bench/predicted.py. No atomics anywhere:
 cross-program sums are written as partials and reduced by torch, so results are bitwise
 reproducible.
 
@@ -70,11 +74,23 @@ GPU_MAX_PLANES = 8
 INTERPRETER_LANES = 2048
 
 
+# The launch kernels compile once per tile class, not once per layer shape: Triton would otherwise
+# specialise every integer argument (== 1 as a constant, multiples of 16 as such), so each plane
+# size, channel count, row chunk and batch size could compile a variant. Shapes, chunking and the
+# strides of the outer axes are plain runtime integers; the two strides that may be the unit one
+# (channels in NHWC, columns in NCHW) keep only the == 1 specialisation, which makes accesses
+# contiguous. Alignment for vector accesses comes from VEC (see _aligned_strides), not from values.
+_RUNTIME_INTS = ("C", "H", "W", "rows_per_prog", "c_blocks", "n_tiles", "n_chunks", "n_pi",
+                 "sxn", "sxh", "son", "soh", "sgn", "sgh", "san", "sah", "sbn", "sbh")
+_MAYBE_UNIT_STRIDES = ("sxc", "sxw", "soc", "sow", "sgc", "sgw", "sac", "saw", "sbc", "sbw")
+_launch_kernel = triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_MAYBE_UNIT_STRIDES)
+
+
 # =============================================================================================
 # Triton kernels
 #
 # Shapes inside the kernels: a program holds PB channels × BLOCK columns as [PB, BLOCK] tensors;
-# rings of per-row partials are [RING, PB, BLOCK]. Row masks are built as full tensors, never as
+# the backward's rings of per-row partials are [RING, PB, BLOCK]. Row masks are built as full tensors, never as
 # scalars (the interpreter mishandles scalar boolean masks). Candidates are constexpr positions
 # in π (-1: absent); FIXED: a fixed layer, its one candidate weighs exactly 1 and π is not read.
 # =============================================================================================
@@ -128,25 +144,22 @@ def _row_partials(row_ptrs, cols, stride_w, row_ok, W, R: tl.constexpr, ACC: tl.
     sizes: the separable first half of every local candidate. Padding never wins a max, adds
     nothing to a sum, and NaN propagates as in max_pool2d.
     """
-    s3 = tl.zeros(row_ok.shape, ACC)
-    s5 = tl.zeros(row_ok.shape, ACC)
-    s7 = tl.zeros(row_ok.shape, ACC)
-    m3 = tl.full(row_ok.shape, float("-inf"), ACC)
-    m5 = tl.full(row_ok.shape, float("-inf"), ACC)
-    m7 = tl.full(row_ok.shape, float("-inf"), ACC)
-    for dd in tl.static_range(0, 2 * R + 1):
-        d = dd - R  # constexpr: static_range unrolls
+    for k in tl.static_range(0, 2 * R + 1):
+        d = (k + 1) // 2 * (1 - 2 * (k % 2))  # constexpr: 0, -1, 1, -2, 2, …; the centre starts every sum
         ok = row_ok & (cols >= -d) & (cols < W - d)
         v = tl.load(row_ptrs + d * stride_w, mask=ok, other=0.0).to(ACC)
         vm = tl.where(ok, v, float("-inf"))
-        if d * d <= 1:
-            s3 += v
-            m3 = tl.maximum(m3, vm, propagate_nan=tl.PropagateNan.ALL)
-        if d * d <= 4:
-            s5 += v
-            m5 = tl.maximum(m5, vm, propagate_nan=tl.PropagateNan.ALL)
-        s7 += v
-        m7 = tl.maximum(m7, vm, propagate_nan=tl.PropagateNan.ALL)
+        if k == 0:
+            s3, s5, s7, m3, m5, m7 = v, v, v, vm, vm, vm
+        else:
+            if d * d <= 1:
+                s3 += v
+                m3 = tl.maximum(m3, vm, propagate_nan=tl.PropagateNan.ALL)
+            if d * d <= 4:
+                s5 += v
+                m5 = tl.maximum(m5, vm, propagate_nan=tl.PropagateNan.ALL)
+            s7 += v
+            m7 = tl.maximum(m7, vm, propagate_nan=tl.PropagateNan.ALL)
     return s3, s5, s7, m3, m5, m7
 
 
@@ -190,17 +203,94 @@ def _program_tile(C, W, c_blocks, PB: tl.constexpr, BLOCK: tl.constexpr, HALO: t
 
 
 @triton.jit
+def _shift(l0, l1, l2, l3, l4, l5, l6, new, L: tl.constexpr):
+    """Row ``new`` enters a delay line of the last L rows' partials (l0 the newest, l_{L-1} the
+    oldest; the rest are unused and stay as they are, so the compiler drops them)."""
+    if L > 6:
+        l6 = l5
+    if L > 5:
+        l5 = l4
+    if L > 4:
+        l4 = l3
+    if L > 3:
+        l3 = l2
+    if L > 2:
+        l2 = l1
+    l1 = l0
+    return new, l1, l2, l3, l4, l5, l6
+
+
+@triton.jit
+def _pick(l0, l1, l2, l3, l4, l5, l6, K: tl.constexpr):
+    """l_K of a delay line."""
+    if K == 0:
+        v = l0
+    elif K == 1:
+        v = l1
+    elif K == 2:
+        v = l2
+    elif K == 3:
+        v = l3
+    elif K == 4:
+        v = l4
+    elif K == 5:
+        v = l5
+    else:
+        v = l6
+    return v
+
+
+@triton.jit
+def _line_sum(l0, l1, l2, l3, l4, l5, l6, LO: tl.constexpr, HI: tl.constexpr):
+    """l_LO + … + l_HI of a delay line (constexpr positions: the window's rows are registers)."""
+    # A pairwise order: (l_LO + l_LO+1) + (… ) keeps the adds of a window independent.
+    total = _pick(l0, l1, l2, l3, l4, l5, l6, LO) + _pick(l0, l1, l2, l3, l4, l5, l6, LO + 1)
+    if LO + 3 <= HI:
+        total += _pick(l0, l1, l2, l3, l4, l5, l6, LO + 2) + _pick(l0, l1, l2, l3, l4, l5, l6, LO + 3)
+    if LO + 5 <= HI:
+        total += _pick(l0, l1, l2, l3, l4, l5, l6, LO + 4) + _pick(l0, l1, l2, l3, l4, l5, l6, LO + 5)
+    total += _pick(l0, l1, l2, l3, l4, l5, l6, HI)
+    return total
+
+
+@triton.jit
+def _line_max(l0, l1, l2, l3, l4, l5, l6, LO: tl.constexpr, HI: tl.constexpr):
+    """max(l_LO, …, l_HI), NaN if any is NaN (as max_pool2d)."""
+    m = tl.full(l0.shape, float("-inf"), l0.dtype)
+    if LO <= 0:
+        m = tl.maximum(m, l0, propagate_nan=tl.PropagateNan.ALL)
+    if LO <= 1 and 1 <= HI:
+        m = tl.maximum(m, l1, propagate_nan=tl.PropagateNan.ALL)
+    if LO <= 2 and 2 <= HI:
+        m = tl.maximum(m, l2, propagate_nan=tl.PropagateNan.ALL)
+    if LO <= 3 and 3 <= HI:
+        m = tl.maximum(m, l3, propagate_nan=tl.PropagateNan.ALL)
+    if LO <= 4 and 4 <= HI:
+        m = tl.maximum(m, l4, propagate_nan=tl.PropagateNan.ALL)
+    if LO <= 5 and 5 <= HI:
+        m = tl.maximum(m, l5, propagate_nan=tl.PropagateNan.ALL)
+    if 6 <= HI:
+        m = tl.maximum(m, l6, propagate_nan=tl.PropagateNan.ALL)
+    return m
+
+
+@_launch_kernel
 def _meta_pool_forward_kernel(
     x_ptr, pi_ptr, sh_ptr, sw_ptr, out_ptr,
     C, H, W, sxn, sxc, sxh, sxw, son, soc, soh, sow, rows_per_prog, c_blocks,
     SKIP: tl.constexpr, AVG3: tl.constexpr, AVG5: tl.constexpr, AVG7: tl.constexpr,
     MAX3: tl.constexpr, MAX5: tl.constexpr, MAX7: tl.constexpr, STRIP: tl.constexpr, FIXED: tl.constexpr,
-    R: tl.constexpr, RING: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    R: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
     VEC: tl.constexpr, CL: tl.constexpr,
 ):
     """out = Σ π_k op_k(x) over the candidates present, one row of PB channels × BLOCK columns at a time.
 
     sh, sw: σ(g_h) (N·C, H) and σ(g_w) (N·C, W) of the strip candidate (unused without it).
+
+    The vertical half of each window reduces over a delay line of per-row partials held in
+    registers: a k-wide window (radius r) keeps the last R + r + 1 rows, l0 = row t just read,
+    and output row p = t - R reduces lines l_{R-r} … l_{R+r}, positions fixed at compile time. Rows
+    outside the plane enter as neutral partials (0, -inf), so no window needs a row mask.
     """
     C, W = _aligned_extents(C, W, VEC, CL)
     n, chans, planes, col2, c0 = _program_tile(C, W, c_blocks, PB, BLOCK, 0)
@@ -213,7 +303,6 @@ def _meta_pool_forward_kernel(
     o_cols = out_ptr + (n.to(tl.int64) * son + chans.to(tl.int64)[:, None] * soc + col2 * sow)
     r0 = chunk * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, H)
-    slots = tl.arange(0, RING)
 
     if SKIP >= 0:
         w_skip = _weight(pi_ptr, SKIP, FIXED, ACC)
@@ -233,59 +322,56 @@ def _meta_pool_forward_kernel(
         w_strip = _weight(pi_ptr, STRIP, FIXED, ACC) * tl.load(
             sw_ptr + planes[:, None] * W + col2, mask=lane_ok, other=0.0).to(ACC)
 
-    ring_row = tl.full([RING], -(1 << 30), tl.int32)
-    s3r = tl.zeros([RING, PB, BLOCK], ACC)
-    s5r = tl.zeros([RING, PB, BLOCK], ACC)
-    s7r = tl.zeros([RING, PB, BLOCK], ACC)
-    m3r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
-    m5r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
-    m7r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
+    zero = tl.zeros([PB, BLOCK], ACC)
+    low = tl.full([PB, BLOCK], float("-inf"), ACC)
+    s3_0, s3_1, s3_2, s3_3, s3_4, s3_5, s3_6 = zero, zero, zero, zero, zero, zero, zero
+    s5_0, s5_1, s5_2, s5_3, s5_4, s5_5, s5_6 = zero, zero, zero, zero, zero, zero, zero
+    s7_0, s7_1, s7_2, s7_3, s7_4, s7_5, s7_6 = zero, zero, zero, zero, zero, zero, zero
+    m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6 = low, low, low, low, low, low, low
+    m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6 = low, low, low, low, low, low, low
+    m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6 = low, low, low, low, low, low, low
 
-    for step in tl.range(0, r1 - r0 + 2 * R, num_stages=2):
+    for step in range(0, r1 - r0 + 2 * R):  # the compiler does not pipeline it (no cp.async in its SASS)
         t = r0 - R + step  # newest input row
         if R > 0:
             t_ok = lane_ok & (t >= 0) & (t < H)
             s3, s5, s7, m3, m5, m7 = _row_partials(x_cols + t * sxh, col2, sxw, t_ok, W, R, ACC)
-            sel = (slots == step % RING)[:, None, None]
-            ring_row = tl.where(slots == step % RING, t, ring_row)
             if AVG3 >= 0:
-                s3r = tl.where(sel, s3[None, :, :], s3r)
+                s3_0, s3_1, s3_2, s3_3, s3_4, s3_5, s3_6 = _shift(s3_0, s3_1, s3_2, s3_3, s3_4, s3_5, s3_6, s3, R + 2)
             if AVG5 >= 0:
-                s5r = tl.where(sel, s5[None, :, :], s5r)
+                s5_0, s5_1, s5_2, s5_3, s5_4, s5_5, s5_6 = _shift(s5_0, s5_1, s5_2, s5_3, s5_4, s5_5, s5_6, s5, R + 3)
             if AVG7 >= 0:
-                s7r = tl.where(sel, s7[None, :, :], s7r)
+                s7_0, s7_1, s7_2, s7_3, s7_4, s7_5, s7_6 = _shift(s7_0, s7_1, s7_2, s7_3, s7_4, s7_5, s7_6, s7, R + 4)
             if MAX3 >= 0:
-                m3r = tl.where(sel, m3[None, :, :], m3r)
+                m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6 = _shift(m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6, m3, R + 2)
             if MAX5 >= 0:
-                m5r = tl.where(sel, m5[None, :, :], m5r)
+                m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6 = _shift(m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6, m5, R + 3)
             if MAX7 >= 0:
-                m7r = tl.where(sel, m7[None, :, :], m7r)
+                m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6 = _shift(m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6, m7, R + 4)
 
-        # Output row p = t - R: every window it needs is in the ring now.
+        # Output row p = t - R: every window it needs is in the delay lines now.
         p = t - R
         p_ok = lane_ok & (p >= r0) & (p < r1)
-        rr = ring_row[:, None, None]
-        row_valid = (rr >= 0) & (rr < H)
         local = tl.zeros([PB, BLOCK], ACC)
         if SKIP >= 0 or STRIP >= 0:
             xp = tl.load(x_cols + p * sxh, mask=p_ok, other=0.0).to(ACC)
         if SKIP >= 0:
             local += w_skip * xp
         if AVG3 >= 0:
-            in3 = row_valid & (rr >= p - 1) & (rr <= p + 1)
-            local += w_avg3 * tl.sum(tl.where(in3, s3r, 0.0), axis=0) / _window_count(p, 1, H, ACC)
+            box = _line_sum(s3_0, s3_1, s3_2, s3_3, s3_4, s3_5, s3_6, R - 1, R + 1)
+            local += (w_avg3 / _window_count(p, 1, H, ACC)) * box
         if AVG5 >= 0:
-            in5 = row_valid & (rr >= p - 2) & (rr <= p + 2)
-            local += w_avg5 * tl.sum(tl.where(in5, s5r, 0.0), axis=0) / _window_count(p, 2, H, ACC)
+            box = _line_sum(s5_0, s5_1, s5_2, s5_3, s5_4, s5_5, s5_6, R - 2, R + 2)
+            local += (w_avg5 / _window_count(p, 2, H, ACC)) * box
         if AVG7 >= 0:
-            in7 = row_valid & (rr >= p - 3) & (rr <= p + 3)
-            local += w_avg7 * tl.sum(tl.where(in7, s7r, 0.0), axis=0) / _window_count(p, 3, H, ACC)
+            box = _line_sum(s7_0, s7_1, s7_2, s7_3, s7_4, s7_5, s7_6, R - 3, R + 3)
+            local += (w_avg7 / _window_count(p, 3, H, ACC)) * box
         if MAX3 >= 0:
-            local += w_max3 * _ring_max(m3r, row_valid & (rr >= p - 1) & (rr <= p + 1))
+            local += w_max3 * _line_max(m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6, R - 1, R + 1)
         if MAX5 >= 0:
-            local += w_max5 * _ring_max(m5r, row_valid & (rr >= p - 2) & (rr <= p + 2))
+            local += w_max5 * _line_max(m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6, R - 2, R + 2)
         if MAX7 >= 0:
-            local += w_max7 * _ring_max(m7r, row_valid & (rr >= p - 3) & (rr <= p + 3))
+            local += w_max7 * _line_max(m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6, R - 3, R + 3)
         if STRIP >= 0:
             p_safe = tl.minimum(tl.maximum(p, 0), H - 1)  # per-row values are used only under p_ok
             sh = tl.load(sh_ptr + planes[:, None] * H + p_safe, mask=chan_ok[:, None], other=0.0).to(ACC)
@@ -293,7 +379,7 @@ def _meta_pool_forward_kernel(
         tl.store(o_cols + p * soh, local.to(out_ptr.dtype.element_ty), mask=p_ok)
 
 
-@triton.jit
+@_launch_kernel
 def _strip_reduce_kernel(
     a_ptr, b_ptr, sh_ptr, sw_ptr, rows_out_ptr, cols_out_ptr,
     C, H, W, san, sac, sah, saw, sbn, sbc, sbh, sbw, rows_per_prog, c_blocks,
@@ -383,7 +469,7 @@ def _max_adjoint(u_row, q2, x_row_ptrs, sxw, W, row_ok, r: tl.constexpr, ACC: tl
     return adj
 
 
-@triton.jit
+@_launch_kernel
 def _meta_pool_backward_kernel(
     g_ptr, x_ptr, pi_ptr, gx_ptr, alpha_part_ptr,
     sh_ptr, sw_ptr, gzh_ptr, gzw_ptr,
@@ -790,7 +876,7 @@ def forward(
         _meta_pool_forward_kernel[grid.grid](
             x, x if pi is None else pi, sh, sw, out,
             C, H, W, *_strides(x), *_strides(out), grid.rows, grid.c_blocks,
-            **_slots(names), FIXED=pi is None, R=R, RING=_ring(R), ACC=_acc(x.dtype), **grid.constexprs(),
+            **_slots(names), FIXED=pi is None, R=R, ACC=_acc(x.dtype), **grid.constexprs(),
             num_warps=grid.num_warps,
         )
     return out, z_h, z_w
