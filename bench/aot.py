@@ -54,8 +54,9 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             num_warps = kwargs.pop("num_warps")
+            maxnreg = kwargs.pop("maxnreg", None)
             self.launches.append(dict(kernel=self.name, grid=tuple(int(g) for g in grid), args=list(args),
-                                      constexprs=kwargs, num_warps=num_warps))
+                                      constexprs=kwargs, num_warps=num_warps, maxnreg=maxnreg))
         return launch
 
 
@@ -179,7 +180,8 @@ def compile_key(launch: Dict[str, Any]) -> str:
     """What Triton's JIT caches a compiled kernel by: the kernel, its constexprs, each argument's
     specialisation and the warps. Two launches with the same key share one compile."""
     args = [a.get("spec", a) for a in launch["args"]]
-    return json.dumps([launch["kernel"], launch["constexprs"], args, launch["num_warps"]], sort_keys=True)
+    return json.dumps([launch["kernel"], launch["constexprs"], args, launch["num_warps"], launch["maxnreg"]],
+                      sort_keys=True)
 
 
 def _describe_constexpr(v):
@@ -190,7 +192,7 @@ def _describe_constexpr(v):
 
 
 def job(launch: Dict[str, Any], arch: int, job_id: str) -> Dict[str, Any]:
-    return dict(id=job_id, arch=arch, **{k: launch[k] for k in ("kernel", "args", "constexprs", "num_warps")})
+    return dict(id=job_id, arch=arch, **{k: launch[k] for k in ("kernel", "args", "constexprs", "num_warps", "maxnreg")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +229,10 @@ def _compile(job: Dict[str, Any]):
             if arg["spec"][1] == "D":
                 attrs[idx] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options={"num_warps": job["num_warps"]})
+    options = {"num_warps": job["num_warps"]}
+    if job.get("maxnreg") is not None:
+        options["maxnreg"] = job["maxnreg"]
+    return triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=options)
 
 
 def _ptxas(ptx: str, arch: int) -> Dict[str, int]:

@@ -316,6 +316,8 @@ def _steering(ok: List[Dict[str, Any]]) -> str:
          [c for c in ok if c["instructions_per_element"] / lane_rate > bytes_per_element(c) / gpu["hbm_bytes_per_s"]])
     line("no spills", ok, [c for c in ok if c["spill_stores"] or c["spill_loads"]])
     line("at least 16 resident warps per SM", ok, [c for c in ok if c["warps"] < 16])
+    line("vectorised (≥ 64-bit) loads of the main streams (widest global load)", ok,
+         [c for c in ok if max(int(b) for b in c["ld"]) < 64])
     return "\n".join(lines)
 
 

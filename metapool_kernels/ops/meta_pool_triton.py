@@ -13,16 +13,17 @@ Backward (budget 6·|x|; this moves 5·|x| with 'strip', 3·|x| without):
   pass 1, only with 'strip' (``_strip_reduce_kernel``): the strip's row and column reductions of
     grad·x, which every element's gradient depends on through the strip means.
   pass 2 (``_meta_pool_backward_kernel``): grad of x for every candidate at once (avg adjoint =
-    box sums of grad / window counts; max adjoint = a gather from the neighbouring windows whose
-    recomputed argmax is this element; strip and strip-mean adjoints), and the α partial sums
-    Σ grad · op_k(x) (as Σ x · adjoint_k(grad)) in the same pass.
+    box sums of grad / window counts; max adjoint = each window's gradient sent to its
+    recomputed argmax; strip and strip-mean adjoints), and the α partial sums Σ grad · op_k(x)
+    in the same pass (max: grad · window max at the outputs; avg: x · adjoint at the elements).
 
 Where each candidate lives:
   skip      ``_meta_pool_forward_kernel`` (π_skip · x); ``_meta_pool_backward_kernel`` (π_skip · grad)
-  avg3/5/7  ``_row_partials`` (row sums), the ring's column sums / ``_window_count``; backward:
-            ``_box_sum`` of grad / window counts
-  max3/5/7  ``_row_partials`` (row maxima), ``_ring_max``, ``_argmax_row``; backward: ``_max_adjoint``
-  strip     ``_strip_reduce_kernel`` (z_h, z_w), ``_gate_logits`` (the gate convs, torch), the
+  avg3/5/7  ``_row_partials`` (row sums), ``_line_sum`` / ``_window_count``; backward:
+            ``_grad_row_partials`` (weights ``_tap_weights``), ``_line_sum``
+  max3/5/7  ``_row_partials`` (row maxima), ``_line_max``; backward: ``_argmax_position`` (rows),
+            ``_scatter``, ``_argmax_offset`` (columns), ``_from_lane``
+  strip     ``_strip_reduce_kernel`` (z_h, z_w), ``_gate`` (the gate convs, torch), the
             π · x · σ_h σ_w term in the forward kernel; backward: ``_strip_reduce_kernel`` on
             grad · x, ``_gate_backward``, the strip adjoints in the backward kernel
   π         ``_weight`` (constexpr slots; a fixed layer's weight is 1)
@@ -35,8 +36,11 @@ horizontal partials (sums / maxima / argmax over k columns) come from shifted lo
 one set of loads for k = 3, 5 and 7. The forward's vertical half reduces over delay lines: each
 candidate keeps the partials of the rows its window still needs as separate registers (l0 the row
 just read), and a window is a sum or max over fixed line positions, so the compiled loop does
-only the window's own arithmetic and one register move per line entry per row. The backward's
-vertical half reduces over a ring of the last RING rows' partials ([RING, PB, BLOCK]). The strip
+only the window's own arithmetic and one register move per line entry per row. The backward
+uses the same lines: the maxima of x's rows (for each window's argmax row), the max gradients
+gathered per element row, and the avg gradients per output row. Its one cross-lane step is the
+max adjoint's horizontal half: for each column shift, a lane sends what all its max windows give
+the lane that far away (``_from_lane``, one exchange per shift for every max candidate). The strip
 reductions' row loops are software-pipelined (``tl.range(..., num_stages=2)``): on the GPU the
 next row's loads are in flight as asynchronous copies while the current row computes. What each
 loop compiles to (SASS instructions per element, barriers per row step) is read off the AOT
@@ -63,8 +67,8 @@ import triton.language as tl
 from ..reference import LOCAL_CANDIDATES, compute_dtype
 from .layout import output_format
 
-# Column tile widths: the forward needs no halo lanes; the backward's gathers do, and its rings
-# are larger, so it keeps narrower tiles.
+# Column tile widths: the forward needs no halo lanes; the backward's cross-lane exchanges do,
+# and its lines are longer, so it keeps narrower tiles.
 FORWARD_MAX_BLOCK = 256
 BACKWARD_MAX_BLOCK = 128
 # A GPU program holds at most this many lanes (one per thread) and this many channels.
@@ -89,9 +93,9 @@ _launch_kernel = triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_o
 # =============================================================================================
 # Triton kernels
 #
-# Shapes inside the kernels: a program holds PB channels × BLOCK columns as [PB, BLOCK] tensors;
-# the backward's rings of per-row partials are [RING, PB, BLOCK]. Row masks are built as full tensors, never as
-# scalars (the interpreter mishandles scalar boolean masks). Candidates are constexpr positions
+# Shapes inside the kernels: a program holds PB channels × BLOCK columns as [PB, BLOCK] tensors,
+# and a delay line is seven of them (positions 0-6; a window uses fixed positions, the rest stay
+# unused and compile away). Load masks are built as full tensors, never as scalars (the interpreter mishandles scalar boolean masks). Candidates are constexpr positions
 # in π (-1: absent); FIXED: a fixed layer, its one candidate weighs exactly 1 and π is not read.
 # =============================================================================================
 @triton.jit
@@ -112,28 +116,6 @@ def _weight(pi_ptr, SLOT: tl.constexpr, FIXED: tl.constexpr, ACC: tl.constexpr):
     else:
         w = tl.load(pi_ptr + SLOT + tl.zeros([1], tl.int32)).to(ACC)
     return w
-
-
-@triton.jit
-def _ring_max(ring, in_win):
-    """Max over the ring rows in the window; NaN if any of them is NaN (as max_pool2d)."""
-    m = tl.max(tl.where(in_win, ring, float("-inf")), axis=0)
-    has_nan = tl.max((in_win & (ring != ring)).to(tl.int32), axis=0) > 0
-    return tl.where(has_nan, float("nan"), m)
-
-
-@triton.jit
-def _argmax_row(ring, in_win, rr):
-    """Row of each column's window argmax in max_pool2d's order: rows scan top to bottom and a
-    row takes over when its value is larger or NaN, so the last row holding a NaN wins, else the
-    first row holding the maximum."""
-    big: tl.constexpr = 1 << 30
-    vm = tl.max(tl.where(in_win, ring, float("-inf")), axis=0)
-    is_nan = in_win & (ring != ring)
-    any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
-    first_max = tl.min(tl.where(in_win & (ring == vm[None, :, :]), rr, big), axis=0)
-    last_nan = tl.max(tl.where(is_nan, rr, -big), axis=0)
-    return tl.where(any_nan, last_nan, first_max)
 
 
 @triton.jit
@@ -422,51 +404,117 @@ def _strip_reduce_kernel(
 
 
 @triton.jit
-def _box_sum(v, r: tl.constexpr):
-    """Σ_{|d| ≤ r} v[:, q + d]: a horizontal box sum over the neighbouring lanes' registers
-    (0 beyond the tile, which only the halo lanes reach)."""
-    block: tl.constexpr = v.shape[1]
-    lane = tl.zeros(v.shape, tl.int32) + tl.arange(0, block)[None, :]
-    total = v
-    for dd in tl.static_range(0, 2 * r + 1):
-        if dd != r:
-            src = lane + (dd - r)
-            shifted = tl.gather(v, tl.minimum(tl.maximum(src, 0), block - 1), axis=1)
-            total += tl.where((src >= 0) & (src < block), shifted, 0.0)
-    return total
+def _tap_weights(cols, W, ACC: tl.constexpr):
+    """1 / column count of the window around column q + d, for every tap d of the 3-, 5- and 7-wide
+    windows (cR_j: radius R, d = j - R): the avg adjoints' column weights, computed once per
+    program (they depend on the column only)."""
+    c1_0 = 1.0 / _window_count(cols - 1, 1, W, ACC)
+    c1_1 = 1.0 / _window_count(cols, 1, W, ACC)
+    c1_2 = 1.0 / _window_count(cols + 1, 1, W, ACC)
+    c2_0 = 1.0 / _window_count(cols - 2, 2, W, ACC)
+    c2_1 = 1.0 / _window_count(cols - 1, 2, W, ACC)
+    c2_2 = 1.0 / _window_count(cols, 2, W, ACC)
+    c2_3 = 1.0 / _window_count(cols + 1, 2, W, ACC)
+    c2_4 = 1.0 / _window_count(cols + 2, 2, W, ACC)
+    c3_0 = 1.0 / _window_count(cols - 3, 3, W, ACC)
+    c3_1 = 1.0 / _window_count(cols - 2, 3, W, ACC)
+    c3_2 = 1.0 / _window_count(cols - 1, 3, W, ACC)
+    c3_3 = 1.0 / _window_count(cols, 3, W, ACC)
+    c3_4 = 1.0 / _window_count(cols + 1, 3, W, ACC)
+    c3_5 = 1.0 / _window_count(cols + 2, 3, W, ACC)
+    c3_6 = 1.0 / _window_count(cols + 3, 3, W, ACC)
+    return c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6
 
 
 @triton.jit
-def _max_adjoint(u_row, q2, x_row_ptrs, sxw, W, row_ok, r: tl.constexpr, ACC: tl.constexpr):
-    """Horizontal half of the max gather: Σ_b [argmax column of window (i, q + b) == q] · U(i, q + b).
+def _grad_row_partials(row_ptrs, cols, stride_w, row_ok, W, c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6, R: tl.constexpr, ACC: tl.constexpr):
+    """Σ_{|d| ≤ r} grad[q + d] / count_r(q + d) of one grad row for r = 1, 2, 3 (weights from
+    _tap_weights): the horizontal half of the avg adjoints, each output's gradient spread over
+    its window and divided by the window's column count. One set of 2R+1 shifted loads serves all
+    three sizes."""
+    ok = row_ok & (cols >= 0) & (cols < W)
+    v = tl.load(row_ptrs, mask=ok, other=0.0).to(ACC)
+    h3 = v * c1_1
+    h5 = v * c2_2
+    h7 = v * c3_3
+    for dd in tl.static_range(1, R + 1):
+        for sign in tl.static_range(0, 2):
+            d = dd * (2 * sign - 1)  # constexpr: -1, 1, -2, 2, …
+            ok = row_ok & (cols >= -d) & (cols < W - d)
+            v = tl.load(row_ptrs + d * stride_w, mask=ok, other=0.0).to(ACC)
+            if dd == 1:
+                h3 += v * (c1_0 if d < 0 else c1_2)
+                h5 += v * (c2_1 if d < 0 else c2_3)
+                h7 += v * (c3_2 if d < 0 else c3_4)
+            if dd == 2:
+                h5 += v * (c2_0 if d < 0 else c2_4)
+                h7 += v * (c3_1 if d < 0 else c3_5)
+            if dd == 3:
+                h7 += v * (c3_0 if d < 0 else c3_6)
+    return h3, h5, h7
 
-    U is the column-wise gathered gradient of row i. The argmax scans the window left to right
-    as max_pool2d does: a column takes over when it is larger or NaN, so the last NaN wins, else
-    the first maximum. U and the argmax at shifted columns come from the registers of the
-    neighbouring lanes (``tl.gather``), not from memory.
-    """
-    best = tl.full(u_row.shape, float("-inf"), ACC)
-    arg = tl.full(u_row.shape, -(1 << 30), tl.int32)
-    found = arg > 0
+
+@triton.jit
+def _argmax_offset(x_row_ptrs, q2, sxw, W, row_ok, r: tl.constexpr, ACC: tl.constexpr):
+    """Column of each window's argmax in row i, as an offset from the window's centre column,
+    in max_pool2d's order: columns scan left to right and a column takes over when it is larger
+    or NaN, so the last NaN wins, else the first maximum."""
+    best = tl.full(q2.shape, float("-inf"), ACC)
+    off = tl.full(q2.shape, 0, tl.int32)
+    found = q2 < -(1 << 30)
     for dd in tl.static_range(0, 2 * r + 1):
-        c = q2 + (dd - r)
         ok = row_ok & (q2 >= r - dd) & (q2 < W + r - dd)
         v = tl.load(x_row_ptrs + (dd - r) * sxw, mask=ok, other=0.0).to(ACC)
         better = ok & ((v > best) | (v != v) | ~found)
         best = tl.where(better, v, best)
-        arg = tl.where(better, c, arg)
+        off = tl.where(better, dd - r, off)
         found = found | ok
-    adj = tl.zeros(u_row.shape, ACC)
-    block: tl.constexpr = u_row.shape[1]
-    lane = tl.zeros(u_row.shape, tl.int32) + tl.arange(0, block)[None, :]
-    for bb in tl.static_range(0, 2 * r + 1):
-        src = lane + (bb - r)
-        ok = (src >= 0) & (src < block)
-        src = tl.minimum(tl.maximum(src, 0), block - 1)
-        u = tl.gather(u_row, src, axis=1)
-        a = tl.gather(arg, src, axis=1)
-        adj += tl.where(ok & (a == q2), u, 0.0)
-    return adj
+    return off
+
+
+@triton.jit
+def _from_lane(v, d: tl.constexpr):
+    """v at lane q + d for every lane q (0 beyond the tile, which only the halo lanes reach): the
+    one cross-lane exchange of the backward."""
+    block: tl.constexpr = v.shape[1]
+    src = tl.zeros(v.shape, tl.int32) + tl.arange(0, block)[None, :] + d
+    shifted = tl.gather(v, tl.minimum(tl.maximum(src, 0), block - 1), axis=1)
+    return tl.where((src >= 0) & (src < block), shifted, 0.0)
+
+
+@triton.jit
+def _argmax_position(l0, l1, l2, l3, l4, l5, l6, t, H, LO: tl.constexpr, HI: tl.constexpr):
+    """Line position (row t - position) of each column's window argmax over positions LO … HI, in
+    max_pool2d's order: rows scan top to bottom (the oldest first) and a row takes over when its
+    value is larger or NaN, so the last row holding a NaN wins, else the first row holding the
+    maximum. Rows outside the plane never win; whether a row is inside is one scalar per row.
+    Also returns the window's max (the max candidate's output)."""
+    best = tl.full(l0.shape, float("-inf"), l0.dtype)
+    pos = tl.full(l0.shape, HI, tl.int32)
+    found = t < -(1 << 30)  # a scalar False: no row of the window taken yet
+    for jj in tl.static_range(0, HI - LO + 1):
+        v = _pick(l0, l1, l2, l3, l4, l5, l6, HI - jj)
+        valid = (t - (HI - jj) >= 0) & (t - (HI - jj) < H)
+        take = valid & ((v > best) | (v != v) | ~found)
+        best = tl.where(take, v, best)
+        pos = tl.where(take, HI - jj, pos)
+        found = found | valid
+    return pos, best
+
+
+@triton.jit
+def _scatter(u0, u1, u2, u3, u4, u5, u6, pos, g, LO: tl.constexpr, N: tl.constexpr):
+    """u_j += g where the argmax position is LO + j, for the N element rows of a window."""
+    u0 += tl.where(pos == LO, g, 0.0)
+    u1 += tl.where(pos == LO + 1, g, 0.0)
+    u2 += tl.where(pos == LO + 2, g, 0.0)
+    if N > 3:
+        u3 += tl.where(pos == LO + 3, g, 0.0)
+        u4 += tl.where(pos == LO + 4, g, 0.0)
+    if N > 5:
+        u5 += tl.where(pos == LO + 5, g, 0.0)
+        u6 += tl.where(pos == LO + 6, g, 0.0)
+    return u0, u1, u2, u3, u4, u5, u6
 
 
 @_launch_kernel
@@ -477,7 +525,7 @@ def _meta_pool_backward_kernel(
     rows_per_prog, c_blocks, n_tiles, n_chunks, n_pi,
     SKIP: tl.constexpr, AVG3: tl.constexpr, AVG5: tl.constexpr, AVG7: tl.constexpr,
     MAX3: tl.constexpr, MAX5: tl.constexpr, MAX7: tl.constexpr, STRIP: tl.constexpr, FIXED: tl.constexpr,
-    R: tl.constexpr, RING: tl.constexpr, HALO: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr,
+    R: tl.constexpr, HALO: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr,
     ACC: tl.constexpr, VEC: tl.constexpr, CL: tl.constexpr,
 ):
     """grad_x of the mixture, and each program's α partials Σ x · adjoint_k(grad) at π's positions
@@ -502,19 +550,17 @@ def _meta_pool_backward_kernel(
     o_cols = gx_ptr + (n.to(tl.int64) * son + chans.to(tl.int64)[:, None] * soc + q2 * sow)
     r0 = chunk * rows_per_prog
     r1 = tl.minimum(r0 + rows_per_prog, H)
-    slots = tl.arange(0, RING)
 
     if SKIP >= 0:
         w_skip = _weight(pi_ptr, SKIP, FIXED, ACC)
     if AVG3 >= 0:
         w_avg3 = _weight(pi_ptr, AVG3, FIXED, ACC)
-        inv_cw3 = 1.0 / _window_count(q2, 1, W, ACC)
     if AVG5 >= 0:
         w_avg5 = _weight(pi_ptr, AVG5, FIXED, ACC)
-        inv_cw5 = 1.0 / _window_count(q2, 2, W, ACC)
     if AVG7 >= 0:
         w_avg7 = _weight(pi_ptr, AVG7, FIXED, ACC)
-        inv_cw7 = 1.0 / _window_count(q2, 3, W, ACC)
+    if AVG3 >= 0 or AVG5 >= 0 or AVG7 >= 0:
+        c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6 = _tap_weights(q2, W, ACC)
     if MAX3 >= 0:
         w_max3 = _weight(pi_ptr, MAX3, FIXED, ACC)
     if MAX5 >= 0:
@@ -526,16 +572,20 @@ def _meta_pool_backward_kernel(
         sw = tl.load(sw_ptr + planes[:, None] * W + q2, mask=q_ok, other=0.0).to(ACC)
         gzw = tl.load(gzw_ptr + planes[:, None] * W + q2, mask=q_ok, other=0.0).to(ACC)
 
-    ring_row = tl.full([RING], -(1 << 30), tl.int32)
-    m3r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)  # horizontal maxima of x rows
-    m5r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
-    m7r = tl.full([RING, PB, BLOCK], float("-inf"), ACC)
-    u3r = tl.zeros([RING, PB, BLOCK], ACC)  # column-gathered max gradients, per element row
-    u5r = tl.zeros([RING, PB, BLOCK], ACC)
-    u7r = tl.zeros([RING, PB, BLOCK], ACC)
-    a3r = tl.zeros([RING, PB, BLOCK], ACC)  # avg adjoints, per element row
-    a5r = tl.zeros([RING, PB, BLOCK], ACC)
-    a7r = tl.zeros([RING, PB, BLOCK], ACC)
+    # Delay lines (see the forward): x's horizontal maxima of the rows a max window still needs
+    # (mK_j: row t - j), the max gradients gathered per element row (uK_j: element row
+    # t - (R - r) - j, born at zero when the first window that can pick it scatters, finished at
+    # j = R + r, row t - 2R), and each output row's avg gradient (aK_j: output row t - R - j).
+    zero = tl.zeros([PB, BLOCK], ACC)  # a line's first values only meet rows that are never stored
+    m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6 = zero, zero, zero, zero, zero, zero, zero
+    m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6 = zero, zero, zero, zero, zero, zero, zero
+    m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6 = zero, zero, zero, zero, zero, zero, zero
+    u3_0, u3_1, u3_2, u3_3, u3_4, u3_5, u3_6 = zero, zero, zero, zero, zero, zero, zero
+    u5_0, u5_1, u5_2, u5_3, u5_4, u5_5, u5_6 = zero, zero, zero, zero, zero, zero, zero
+    u7_0, u7_1, u7_2, u7_3, u7_4, u7_5, u7_6 = zero, zero, zero, zero, zero, zero, zero
+    a3_0, a3_1, a3_2, a3_3, a3_4, a3_5, a3_6 = zero, zero, zero, zero, zero, zero, zero
+    a5_0, a5_1, a5_2, a5_3, a5_4, a5_5, a5_6 = zero, zero, zero, zero, zero, zero, zero
+    a7_0, a7_1, a7_2, a7_3, a7_4, a7_5, a7_6 = zero, zero, zero, zero, zero, zero, zero
     alpha_skip = tl.zeros([PB, BLOCK], ACC)
     alpha_a3 = tl.zeros([PB, BLOCK], ACC)
     alpha_a5 = tl.zeros([PB, BLOCK], ACC)
@@ -545,68 +595,58 @@ def _meta_pool_backward_kernel(
     alpha_m7 = tl.zeros([PB, BLOCK], ACC)
 
     # Three stages per step, named as in the C++ backward (csrc/cpu/meta_pool_kernel.cpp):
-    # arrive, row t of x enters the ring; scatter, output row p = t - R scatters its gradient into
-    # the element rows [p - R, p + R]; finish, element row i = t - 2R has received everything.
-    for step in range(0, r1 - r0 + 4 * R):  # not pipelined: its registers are full
+    # arrive, row t of x enters the lines; scatter, output row p = t - R scatters its gradient into
+    # the element rows [p - r, p + r]; finish, element row i = t - 2R has received everything.
+    for step in range(0, r1 - r0 + 4 * R):
         t = r0 - 2 * R + step
-        slot = step % RING
-        sel = (slots == slot)[:, None, None]
-        ring_row = tl.where(slots == slot, t, ring_row)
-        rr = ring_row[:, None, None]
-        row_valid = (rr >= 0) & (rr < H)
-        # Row t takes the slot of the row finished RING steps ago: its accumulators start at zero.
-        if MAX3 >= 0:
-            u3r = tl.where(sel, 0.0, u3r)
-        if MAX5 >= 0:
-            u5r = tl.where(sel, 0.0, u5r)
-        if MAX7 >= 0:
-            u7r = tl.where(sel, 0.0, u7r)
-        if AVG3 >= 0:
-            a3r = tl.where(sel, 0.0, a3r)
-        if AVG5 >= 0:
-            a5r = tl.where(sel, 0.0, a5r)
-        if AVG7 >= 0:
-            a7r = tl.where(sel, 0.0, a7r)
         if MAX3 >= 0 or MAX5 >= 0 or MAX7 >= 0:
             t_ok = q_ok & (t >= 0) & (t < H)
             _s3, _s5, _s7, m3, m5, m7 = _row_partials(x_cols + t * sxh, q2, sxw, t_ok, W, R, ACC)
-            if MAX3 >= 0:
-                m3r = tl.where(sel, m3[None, :, :], m3r)
-            if MAX5 >= 0:
-                m5r = tl.where(sel, m5[None, :, :], m5r)
-            if MAX7 >= 0:
-                m7r = tl.where(sel, m7[None, :, :], m7r)
+        if MAX3 >= 0:
+            m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6 = _shift(m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6, m3, R + 2)
+            u3_0, u3_1, u3_2, u3_3, u3_4, u3_5, u3_6 = _shift(u3_0, u3_1, u3_2, u3_3, u3_4, u3_5, u3_6, zero, R + 2)
+        if MAX5 >= 0:
+            m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6 = _shift(m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6, m5, R + 3)
+            u5_0, u5_1, u5_2, u5_3, u5_4, u5_5, u5_6 = _shift(u5_0, u5_1, u5_2, u5_3, u5_4, u5_5, u5_6, zero, R + 3)
+        if MAX7 >= 0:
+            m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6 = _shift(m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6, m7, R + 4)
+            u7_0, u7_1, u7_2, u7_3, u7_4, u7_5, u7_6 = _shift(u7_0, u7_1, u7_2, u7_3, u7_4, u7_5, u7_6, zero, R + 4)
 
         p = t - R
         p_in = plane_ok & (p >= 0) & (p < H)
         gp = tl.load(g_cols + p * sgh, mask=p_in & q_ok, other=0.0).to(ACC)
+        p_mask = out_ok & (p >= r0) & (p < r1)  # the outputs whose α terms this program sums
+        if AVG3 >= 0 or AVG5 >= 0 or AVG7 >= 0:
+            h3, h5, h7 = _grad_row_partials(g_cols + p * sgh, q2, sgw, p_in & q_ok, W, c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6, R, ACC)
         # Max: the row holding each column's window argmax takes the gradient; the horizontal
         # half of the argmax is resolved when that row finishes.
         if MAX3 >= 0:
-            va = _argmax_row(m3r, row_valid & (rr >= p - 1) & (rr <= p + 1), rr)
-            u3r += tl.where(rr == va[None, :, :], gp[None, :, :], 0.0)
+            va, top = _argmax_position(m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6, t, H, R - 1, R + 1)
+            alpha_m3 += tl.where(p_mask, gp * top, 0.0)
+            u3_0, u3_1, u3_2, u3_3, u3_4, u3_5, u3_6 = _scatter(u3_0, u3_1, u3_2, u3_3, u3_4, u3_5, u3_6, va, gp, R - 1, 3)
         if MAX5 >= 0:
-            va = _argmax_row(m5r, row_valid & (rr >= p - 2) & (rr <= p + 2), rr)
-            u5r += tl.where(rr == va[None, :, :], gp[None, :, :], 0.0)
+            va, top = _argmax_position(m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6, t, H, R - 2, R + 2)
+            alpha_m5 += tl.where(p_mask, gp * top, 0.0)
+            u5_0, u5_1, u5_2, u5_3, u5_4, u5_5, u5_6 = _scatter(u5_0, u5_1, u5_2, u5_3, u5_4, u5_5, u5_6, va, gp, R - 2, 5)
         if MAX7 >= 0:
-            va = _argmax_row(m7r, row_valid & (rr >= p - 3) & (rr <= p + 3), rr)
-            u7r += tl.where(rr == va[None, :, :], gp[None, :, :], 0.0)
-        # Avg: grad / window count, box-summed: horizontally over the neighbouring lanes of this
-        # grad row, vertically by adding it to every element row of the window.
+            va, top = _argmax_position(m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6, t, H, R - 3, R + 3)
+            alpha_m7 += tl.where(p_mask, gp * top, 0.0)
+            u7_0, u7_1, u7_2, u7_3, u7_4, u7_5, u7_6 = _scatter(u7_0, u7_1, u7_2, u7_3, u7_4, u7_5, u7_6, va, gp, R - 3, 7)
+        # Avg: grad / window count, box-summed: horizontally by shifted loads of this grad row,
+        # vertically over the lines of the output rows whose windows hold row i.
         if AVG3 >= 0:
-            h3 = _box_sum(gp * inv_cw3, 1) / _window_count(p, 1, H, ACC)
-            a3r += tl.where(row_valid & (rr >= p - 1) & (rr <= p + 1), h3[None, :, :], 0.0)
+            h3 = h3 / _window_count(p, 1, H, ACC)
+            a3_0, a3_1, a3_2, a3_3, a3_4, a3_5, a3_6 = _shift(a3_0, a3_1, a3_2, a3_3, a3_4, a3_5, a3_6, h3, R + 2)
         if AVG5 >= 0:
-            h5 = _box_sum(gp * inv_cw5, 2) / _window_count(p, 2, H, ACC)
-            a5r += tl.where(row_valid & (rr >= p - 2) & (rr <= p + 2), h5[None, :, :], 0.0)
+            h5 = h5 / _window_count(p, 2, H, ACC)
+            a5_0, a5_1, a5_2, a5_3, a5_4, a5_5, a5_6 = _shift(a5_0, a5_1, a5_2, a5_3, a5_4, a5_5, a5_6, h5, R + 3)
         if AVG7 >= 0:
-            h7 = _box_sum(gp * inv_cw7, 3) / _window_count(p, 3, H, ACC)
-            a7r += tl.where(row_valid & (rr >= p - 3) & (rr <= p + 3), h7[None, :, :], 0.0)
+            h7 = h7 / _window_count(p, 3, H, ACC)
+            a7_0, a7_1, a7_2, a7_3, a7_4, a7_5, a7_6 = _shift(a7_0, a7_1, a7_2, a7_3, a7_4, a7_5, a7_6, h7, R + 4)
 
         i = t - 2 * R
         mask = out_ok & (i >= r0) & (i < r1)
         i_in = plane_ok & (i >= 0) & (i < H)
-        fin = rr == i
         gi = tl.load(g_cols + i * sgh, mask=mask, other=0.0).to(ACC)
         x_row = x_cols + i * sxh
         xi = tl.load(x_row, mask=mask, other=0.0).to(ACC)
@@ -615,29 +655,44 @@ def _meta_pool_backward_kernel(
             gx += w_skip * gi
             alpha_skip += xi * gi
         if AVG3 >= 0:
-            adj = tl.sum(tl.where(fin, a3r, 0.0), axis=0)
+            adj = _line_sum(a3_0, a3_1, a3_2, a3_3, a3_4, a3_5, a3_6, R - 1, R + 1)
             gx += w_avg3 * adj
             alpha_a3 += tl.where(mask, xi * adj, 0.0)
         if AVG5 >= 0:
-            adj = tl.sum(tl.where(fin, a5r, 0.0), axis=0)
+            adj = _line_sum(a5_0, a5_1, a5_2, a5_3, a5_4, a5_5, a5_6, R - 2, R + 2)
             gx += w_avg5 * adj
             alpha_a5 += tl.where(mask, xi * adj, 0.0)
         if AVG7 >= 0:
-            adj = tl.sum(tl.where(fin, a7r, 0.0), axis=0)
+            adj = _line_sum(a7_0, a7_1, a7_2, a7_3, a7_4, a7_5, a7_6, R - 3, R + 3)
             gx += w_avg7 * adj
             alpha_a7 += tl.where(mask, xi * adj, 0.0)
-        if MAX3 >= 0:
-            adj = _max_adjoint(tl.sum(tl.where(fin, u3r, 0.0), axis=0), q2, x_row, sxw, W, i_in, 1, ACC)
-            gx += w_max3 * adj
-            alpha_m3 += tl.where(mask, xi * adj, 0.0)
-        if MAX5 >= 0:
-            adj = _max_adjoint(tl.sum(tl.where(fin, u5r, 0.0), axis=0), q2, x_row, sxw, W, i_in, 2, ACC)
-            gx += w_max5 * adj
-            alpha_m5 += tl.where(mask, xi * adj, 0.0)
-        if MAX7 >= 0:
-            adj = _max_adjoint(tl.sum(tl.where(fin, u7r, 0.0), axis=0), q2, x_row, sxw, W, i_in, 3, ACC)
-            gx += w_max7 * adj
-            alpha_m7 += tl.where(mask, xi * adj, 0.0)
+        if MAX3 >= 0 or MAX5 >= 0 or MAX7 >= 0:
+            # Max: element row i's gathered gradients U(i, q) go to the argmax column of window
+            # (i, q). Each lane sends, for every shift d, what its windows give the lane d columns
+            # away (Σ π_k · U_k where argmax offset_k = -d), so one exchange per shift serves every
+            # max candidate; their α terms were summed at the outputs (Σ grad · window max).
+            if MAX3 >= 0:
+                u3 = _pick(u3_0, u3_1, u3_2, u3_3, u3_4, u3_5, u3_6, R + 1)
+                o3 = _argmax_offset(x_row, q2, sxw, W, i_in, 1, ACC)
+            if MAX5 >= 0:
+                u5 = _pick(u5_0, u5_1, u5_2, u5_3, u5_4, u5_5, u5_6, R + 2)
+                o5 = _argmax_offset(x_row, q2, sxw, W, i_in, 2, ACC)
+            if MAX7 >= 0:
+                u7 = _pick(u7_0, u7_1, u7_2, u7_3, u7_4, u7_5, u7_6, R + 3)
+                o7 = _argmax_offset(x_row, q2, sxw, W, i_in, 3, ACC)
+            RM: tl.constexpr = 3 if MAX7 >= 0 else (2 if MAX5 >= 0 else 1)
+            for dd in tl.static_range(0, 2 * RM + 1):
+                sent = tl.zeros([PB, BLOCK], ACC)
+                if MAX3 >= 0 and (dd - RM) * (dd - RM) <= 1:
+                    sent += w_max3 * tl.where(o3 == RM - dd, u3, 0.0)
+                if MAX5 >= 0 and (dd - RM) * (dd - RM) <= 4:
+                    sent += w_max5 * tl.where(o5 == RM - dd, u5, 0.0)
+                if MAX7 >= 0:
+                    sent += w_max7 * tl.where(o7 == RM - dd, u7, 0.0)
+                if dd == RM:
+                    gx += sent
+                else:
+                    gx += _from_lane(sent, dd - RM)
         if STRIP >= 0:
             i_safe = tl.minimum(tl.maximum(i, 0), H - 1)  # per-row values are used only under mask
             sh = tl.load(sh_ptr + planes[:, None] * H + i_safe, mask=plane_ok, other=0.0).to(ACC)
@@ -676,10 +731,6 @@ def _radius(names: Sequence[str]) -> int:
     return max([int(n[3:]) // 2 for n in names if n[:3] in ("avg", "max")], default=0)
 
 
-def _ring(radius: int) -> int:
-    return max(2, _next_pow2(2 * radius + 1))
-
-
 def _slots(names: Sequence[str]) -> Dict[str, int]:
     """Each candidate's position in π as the kernels' constexpr arguments (-1: absent)."""
     return {name.upper(): (names.index(name) if name in names else -1) for name in LOCAL_CANDIDATES + ("strip",)}
@@ -698,8 +749,8 @@ class _Grid:
     too few programs to fill the GPU (``sms`` streaming multiprocessors), since each chunk re-reads
     its halo rows. ``sms=None`` is the interpreter's layout: whole planes per program.
 
-    A GPU thread holds ``per_thread`` lanes: 1 where rings of per-row partials fill the registers
-    (search mode keeps up to nine), 4 for the light kernels, whose loads then become vectors of
+    A GPU thread holds ``per_thread`` lanes: 1 where delay lines of per-row partials fill the
+    registers (search mode keeps up to nine lines), 4 for the light kernels, whose loads then become vectors of
     ``vec`` elements along the contiguous axis wherever the strides allow (see _vector_width).
     """
 
@@ -761,9 +812,16 @@ def _vector_width(tensors: Sequence[torch.Tensor], channels_last: bool) -> int:
     return next((v for v in (4, 2) if all(st % v == 0 for st in strides)), 1)
 
 
-# Lanes per GPU thread: the search-mode kernels hold rings of partials for several candidates,
+# Lanes per GPU thread: the search-mode kernels hold delay lines for several candidates,
 # a fixed 5- or 7-wide window keeps that many shifted rows in flight; the rest is light.
 LIGHT_PER_THREAD = 4
+
+
+def _backward_registers(names: Sequence[str]) -> Optional[int]:
+    """The register cap of a backward launch: search mode holds nine delay lines, and left to its
+    own heuristic ptxas caps some of those configurations at 128 registers and spills; the
+    whole register file is cheaper than local memory there."""
+    return 255 if len(names) > 1 else None
 
 
 def _per_thread(names: Sequence[str]) -> int:
@@ -809,18 +867,24 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
 
 
 # =============================================================================================
-# The strip gates (tiny pointwise convs on the strip means; torch and cuBLAS do them)
+# The strip gates (tiny pointwise convs on the strip means; cuBLAS does them)
 # =============================================================================================
-def _gate_logits(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("oc,nch->noh", weight.reshape(weight.shape[0], -1).to(z.dtype), z) + bias.to(z.dtype)[None, :, None]
+def _gate(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """σ(W z + b) for every sample: one batched GEMM with the bias as its addend (the weight is
+    broadcast over the batch, not copied), then the sigmoid in place."""
+    w = weight.reshape(weight.shape[0], -1).to(z.dtype)
+    return torch.baddbmm(bias.to(z.dtype).view(1, -1, 1), w.expand(z.shape[0], -1, -1), z).sigmoid_()
 
 
 def _gate_backward(grad_g: torch.Tensor, z: torch.Tensor, weight: torch.Tensor):
-    w2 = weight.reshape(weight.shape[0], -1).to(grad_g.dtype)
-    grad_w = torch.einsum("noh,nch->oc", grad_g, z).reshape(weight.shape).to(weight.dtype)
-    grad_b = grad_g.sum((0, 2)).to(weight.dtype)
-    grad_z = torch.einsum("oc,noh->nch", w2, grad_g)
-    return grad_w, grad_b, grad_z
+    """(grad W, grad b, grad z) of g = W z + b: the weight gradient is one GEMM over K = N·S (not N
+    products summed), grad z one batched GEMM with the broadcast transposed weight."""
+    N, C, _ = z.shape
+    w = weight.reshape(weight.shape[0], -1).to(grad_g.dtype)
+    grad_w = torch.mm(grad_g.transpose(0, 1).reshape(w.shape[0], -1), z.transpose(0, 1).reshape(C, -1).t())
+    grad_b = grad_g.sum((0, 2))
+    grad_z = torch.bmm(w.t().expand(N, -1, -1), grad_g)
+    return grad_w.reshape(weight.shape).to(weight.dtype), grad_b.to(weight.dtype), grad_z
 
 
 def _strip_reduce(a: torch.Tensor, b: Optional[torch.Tensor] = None, sh: Optional[torch.Tensor] = None,
@@ -838,7 +902,10 @@ def _strip_reduce(a: torch.Tensor, b: Optional[torch.Tensor] = None, sh: Optiona
         a, b, sh if weighted else rows, sw if weighted else rows, rows, cols,
         C, H, W, *_strides(a), *_strides(b), grid.rows, grid.c_blocks,
         WEIGHTED=weighted, ACC=_acc(a.dtype), **grid.constexprs(), num_warps=grid.num_warps)
-    return rows.sum(0).view(N, C, H), cols.sum(0).view(N, C, W)
+    # One tile (or chunk) writes the sums themselves: no reduction launch for it.
+    rows = rows[0] if grid.tiles == 1 else rows.sum(0)
+    cols = cols[0] if grid.chunks == 1 else cols.sum(0)
+    return rows.view(N, C, H), cols.view(N, C, W)
 
 
 # =============================================================================================
@@ -866,8 +933,8 @@ def forward(
         if has_strip:
             row_sums, col_sums = _strip_reduce(x)
             z_h, z_w = row_sums / W, col_sums / H
-            sh = torch.sigmoid(_gate_logits(z_h, gate_h_weight, gate_h_bias)).contiguous()
-            sw = torch.sigmoid(_gate_logits(z_w, gate_w_weight, gate_w_bias)).contiguous()
+            sh = _gate(z_h, gate_h_weight, gate_h_bias)
+            sw = _gate(z_w, gate_w_weight, gate_w_bias)
         else:
             z_h, z_w = x.new_empty((N, C, 0), dtype=acc), x.new_empty((N, C, 0), dtype=acc)
             sh = sw = out  # never read
@@ -911,16 +978,19 @@ def backward(
         gate_grads = [x.new_empty(0)] * 4
         if has_strip:
             si = names.index("strip")
-            strip_w = 1.0 if fixed else pi[si].to(acc)
-            sh = torch.sigmoid(_gate_logits(z_h, gate_h_weight, gate_h_bias)).contiguous()
-            sw = torch.sigmoid(_gate_logits(z_w, gate_w_weight, gate_w_bias)).contiguous()
+            strip_w = None if fixed else pi[si].to(acc)
+            sh = _gate(z_h, gate_h_weight, gate_h_bias)
+            sw = _gate(z_w, gate_w_weight, gate_w_bias)
             row_sum, col_sum = _strip_reduce(grad, x, sh, sw)  # Σ_w grad·x·σ(g_w), Σ_h grad·x·σ(g_h)
-            grad_gh = strip_w * row_sum * sh * (1 - sh)
-            grad_gw = strip_w * col_sum * sw * (1 - sw)
+            grad_gh = torch.addcmul(sh, sh, sh, value=-1).mul_(row_sum)  # σ'(g) = σ - σ²
+            grad_gw = torch.addcmul(sw, sw, sw, value=-1).mul_(col_sum)
+            if not fixed:
+                grad_gh.mul_(strip_w)
+                grad_gw.mul_(strip_w)
             gh_w, gh_b, grad_zh = _gate_backward(grad_gh, z_h, gate_h_weight)
             gw_w, gw_b, grad_zw = _gate_backward(grad_gw, z_w, gate_w_weight)
             gate_grads = [gh_w, gh_b, gw_w, gw_b]
-            gzh, gzw = (grad_zh / W).contiguous(), (grad_zw / H).contiguous()
+            gzh, gzw = grad_zh.div_(W), grad_zw.div_(H)
 
         R = _radius(names)
         grid = _Grid.for_tensors((x, grad, grad_x), R, BACKWARD_MAX_BLOCK, _per_thread(names))
@@ -929,14 +999,14 @@ def backward(
             grad, x, x if fixed else pi, grad_x, alpha_part, sh, sw, gzh, gzw,
             C, H, W, *_strides(grad), *_strides(x), *_strides(grad_x),
             grid.rows, grid.c_blocks, grid.tiles, grid.chunks, len(names),
-            **_slots(names), FIXED=fixed, R=R, RING=_ring(R), HALO=grid.halo, ACC=_acc(x.dtype),
-            **grid.constexprs(), num_warps=grid.num_warps,
+            **_slots(names), FIXED=fixed, R=R, HALO=grid.halo, ACC=_acc(x.dtype),
+            **grid.constexprs(), num_warps=grid.num_warps, maxnreg=_backward_registers(names),
         )
         if fixed:
             grad_pi = x.new_empty(0, dtype=acc)
         else:
             grad_pi = alpha_part.sum(0)
             if has_strip:
-                grad_pi[si] += (row_sum * sh).sum()
+                grad_pi[si] += torch.dot(row_sum.reshape(-1), sh.reshape(-1))
             grad_pi = grad_pi.to(pi.dtype)
     return grad_x, grad_pi, *gate_grads
