@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("_meta_pool_forward_kernel", "_meta_pool_backward_kernel", "_strip_reduce_kernel")
+KERNELS = ("_meta_pool_forward_kernel", "_meta_pool_backward_kernel", "_strip_reduce_kernel", "_strip_gate_kernel")
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 # H100 SXM (sm_90): 132 SMs, per SM 64 K registers, 64 warps, 32 blocks, 228 KiB shared memory.
@@ -60,18 +60,17 @@ class _Recorder:
         return launch
 
 
-def capture_launches(shape: Sequence[int], names: Sequence[str], dtype: torch.dtype = torch.float32,
-                     channels_last: bool = False, fixed: bool = False, sms: int = H100["sms"],
-                     backward: bool = True) -> List[Dict[str, Any]]:
-    """Every kernel launch of one forward (and backward) of the op on CUDA tensors of ``shape``."""
+@contextlib.contextmanager
+def _fake_op(shape: Sequence[int], names: Sequence[str], dtype: torch.dtype, channels_last: bool, fixed: bool,
+             sms: int):
+    """The op's launchers on fake CUDA tensors under the GPU layout of ``sms`` SMs: yields the
+    module, its real kernels by name (the caller may stand recorders in for them; they are put
+    back after), and the op's inputs (x, π or None, the four gate parameters, candidates)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from metapool_kernels.ops import meta_pool_triton as mpt
-    launches: List[Dict[str, Any]] = []
     saved = {k: getattr(mpt, k) for k in KERNELS + ("_on_device",)}
     try:
-        for k in KERNELS:
-            setattr(mpt, k, _Recorder(k, launches))
         mpt._on_device = lambda t: contextlib.nullcontext()
         C = shape[1]
         with FakeTensorMode(), mpt.gpu_layout(sms):
@@ -80,15 +79,25 @@ def capture_launches(shape: Sequence[int], names: Sequence[str], dtype: torch.dt
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             pi = None if fixed else torch.empty(len(names), dtype=acc, device="cuda")
             gates = [torch.empty(s, device="cuda") for s in ((C, C, 1), (C,), (C, C, 1), (C,))]
-            cands = ",".join(names)
-            out, z_h, z_w = mpt.forward(x, pi, *gates, cands)
-            if backward:
-                mpt.backward(torch.empty_like(out), x, pi, *gates, z_h, z_w, cands)
+            yield mpt, {k: saved[k] for k in KERNELS}, (x, pi, *gates, ",".join(names))
     finally:
         for k, v in saved.items():
             setattr(mpt, k, v)
+
+
+def capture_launches(shape: Sequence[int], names: Sequence[str], dtype: torch.dtype = torch.float32,
+                     channels_last: bool = False, fixed: bool = False, sms: int = H100["sms"],
+                     backward: bool = True) -> List[Dict[str, Any]]:
+    """Every kernel launch of one forward (and backward) of the op on CUDA tensors of ``shape``."""
+    launches: List[Dict[str, Any]] = []
+    with _fake_op(shape, names, dtype, channels_last, fixed, sms) as (mpt, kernels, (x, pi, *gates, cands)):
+        for k in KERNELS:
+            setattr(mpt, k, _Recorder(k, launches))
+        out, z_h, z_w = mpt.forward(x, pi, *gates, cands)
+        if backward:
+            mpt.backward(torch.empty_like(out), x, pi, *gates, z_h, z_w, cands)
     for launch in launches:
-        fn = saved[launch["kernel"]]
+        fn = kernels[launch["kernel"]]
         names = [n for n in fn.arg_names if n not in launch["constexprs"]]
         launch["ints"] = {n: a for a, n in zip(launch["args"], names) if isinstance(a, int) and not isinstance(a, bool)}
         launch["args"] = [_describe_arg(a, n) for a, n in zip(launch["args"], names)]
@@ -109,13 +118,12 @@ def count_launches(shape: Sequence[int], names: Sequence[str], dtype: torch.dtyp
     """Device kernels one forward and one backward of the op launch on CUDA tensors of ``shape``:
     the Triton kernels plus every aten op that computes (each one CUDA kernel at least), with
     the ops by name. Fake tensors: nothing runs, no GPU is needed."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Ops(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.ops: List[str] = []
+            self.ops: List[Any] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
@@ -123,35 +131,20 @@ def count_launches(shape: Sequence[int], names: Sequence[str], dtype: torch.dtyp
                 self.ops.append(name)
             return func(*args, **(kwargs or {}))
 
-    from metapool_kernels.ops import meta_pool_triton as mpt
     result: Dict[str, Any] = {}
-    saved = {k: getattr(mpt, k) for k in KERNELS + ("_on_device",)}
-    try:
-        mpt._on_device = lambda t: contextlib.nullcontext()
-        C = shape[1]
-        with FakeTensorMode(), mpt.gpu_layout(sms):
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            x = torch.empty(tuple(shape), dtype=dtype, device="cuda").contiguous(memory_format=fmt)
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            pi = None if fixed else torch.empty(len(names), dtype=acc, device="cuda")
-            gates = [torch.empty(s, device="cuda") for s in ((C, C, 1), (C,), (C, C, 1), (C,))]
-            grad = torch.empty_like(x)
-            cands = ",".join(names)
-            for direction in ("forward", "backward"):
-                ops = _Ops()
-                for k in KERNELS:
-                    setattr(mpt, k, _Recorder(k, []))
-                    getattr(mpt, k).launches = ops.ops  # a Triton launch is one entry among the aten ops
-                with ops:
-                    if direction == "forward":
-                        out, z_h, z_w = mpt.forward(x, pi, *gates, cands)
-                    else:
-                        mpt.backward(grad, x, pi, *gates, z_h, z_w, cands)
-                kernels = [o if isinstance(o, str) else o["kernel"].strip("_") for o in ops.ops]
-                result[direction] = dict(launches=len(kernels), kernels=kernels)
-    finally:
-        for k, v in saved.items():
-            setattr(mpt, k, v)
+    with _fake_op(shape, names, dtype, channels_last, fixed, sms) as (mpt, _, (x, pi, *gates, cands)):
+        grad = torch.empty_like(x)
+        for direction in ("forward", "backward"):
+            ops = _Ops()
+            for k in KERNELS:
+                setattr(mpt, k, _Recorder(k, ops.ops))  # a Triton launch is one entry among the aten ops
+            with ops:
+                if direction == "forward":
+                    out, z_h, z_w = mpt.forward(x, pi, *gates, cands)
+                else:
+                    mpt.backward(grad, x, pi, *gates, z_h, z_w, cands)
+            kernels = [o if isinstance(o, str) else o["kernel"].strip("_") for o in ops.ops]
+            result[direction] = dict(launches=len(kernels), kernels=kernels)
     return result
 
 
@@ -192,7 +185,8 @@ def _describe_constexpr(v):
 
 
 def job(launch: Dict[str, Any], arch: int, job_id: str) -> Dict[str, Any]:
-    return dict(id=job_id, arch=arch, **{k: launch[k] for k in ("kernel", "args", "constexprs", "num_warps", "maxnreg")})
+    keys = ("kernel", "args", "constexprs", "num_warps", "maxnreg")
+    return dict(id=job_id, arch=arch, **{k: launch[k] for k in keys})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +325,8 @@ def compile_job(job: Dict[str, Any]) -> Dict[str, Any]:
     res["sass_instructions"] = sum(1 for m in _SASS_LINE.finditer(sass) if not m.group(2).startswith("NOP"))
     res["loop_instructions"] = loops[0]["instructions"] if loops else 0
     res["loop_barriers"] = loops[0]["barriers"] if loops else 0
+    # The largest loop with what it holds (for a kernel whose steps are an outer loop, the gates' GEMM).
+    res["outer_loop_instructions"] = max((lp["instructions"] for lp in loops), default=0)
     return res
 
 

@@ -62,13 +62,33 @@ def _weighted(launch: Dict[str, Any]) -> Optional[bool]:
 
 
 def _direction(launch: Dict[str, Any]) -> str:
-    backward = launch["kernel"] == "_meta_pool_backward_kernel" or _weighted(launch)
+    backward = (launch["kernel"] == "_meta_pool_backward_kernel" or _weighted(launch)
+                or launch["constexprs"].get("WRITE_Z") is False)  # the backward's gates only recompute σ
     return "backward" if backward else "forward"
 
 
 def _row_steps(kernel: str, rows: int, radius: int) -> int:
     """Row-loop iterations of one program: its rows plus the halo rows its loop walks."""
     return rows + {"_meta_pool_forward_kernel": 2, "_meta_pool_backward_kernel": 4}.get(kernel, 0) * radius
+
+
+def _bytes(launch: Dict[str, Any], numel: int, itemsize: int) -> int:
+    """Bytes a launch moves by design. The gates read the strip sums' partials and write σ (and
+    z, the means) in float32, (N·C, H + W) each; their weights stay in L2."""
+    if launch["kernel"] == "_strip_gate_kernel":
+        ints = launch["ints"]
+        planes = launch["grid"][0] * ints["C"]
+        streams = ints["n_h_parts"] + 1 + bool(launch["constexprs"]["WRITE_Z"])
+        return 4 * planes * (ints["H"] + ints["W"]) * streams
+    return PASSES[(launch["kernel"], _weighted(launch))] * numel * itemsize
+
+
+def _steps(launch: Dict[str, Any]) -> int:
+    """Iterations of the loop the issue bound counts: rows (with the halo rows) for the pooling
+    kernels and the strip reductions, channel blocks of the GEMM for the gates."""
+    if launch["kernel"] == "_strip_gate_kernel":
+        return math.ceil(launch["ints"]["C"] / launch["constexprs"]["BC"])
+    return _row_steps(launch["kernel"], launch["ints"]["rows_per_prog"], launch["constexprs"].get("R", 0))
 
 
 def launch_bounds(kernel: str, grid, num_warps: int, steps: int, loop_instructions: int, nbytes: int,
@@ -108,10 +128,8 @@ def generate(out_file: Path = OUT_FILE) -> Dict[str, Any]:
                             cfg["planes"].add(H)
                             row[_direction(launch)].append(dict(
                                 config=cfg["id"], kernel=launch["kernel"], grid=launch["grid"],
-                                num_warps=launch["num_warps"],
-                                bytes=PASSES[(launch["kernel"], _weighted(launch))] * numel * itemsize,
-                                steps=_row_steps(launch["kernel"], launch["ints"]["rows_per_prog"],
-                                                 launch["constexprs"].get("R", 0))))
+                                num_warps=launch["num_warps"], bytes=_bytes(launch, numel, itemsize),
+                                steps=_steps(launch)))
                         counts = aot.count_launches(shape, names, dtype, layout == "NHWC", fixed, gpu["sms"])
                         for direction in ("forward", "backward"):
                             row[f"{direction}_launches"] = counts[direction]["launches"]
@@ -123,13 +141,13 @@ def generate(out_file: Path = OUT_FILE) -> Dict[str, Any]:
         c = launch["constexprs"]
         entry = dict(id=cfg["id"], kernel=launch["kernel"].strip("_"), dtype=cfg["dtype"], layout=cfg["layout"],
                      weighted=c.get("WEIGHTED"), modes=sorted(cfg["modes"]), planes=sorted(cfg["planes"], reverse=True),
-                     pb=c["PB"], block=c["BLOCK"], num_warps=launch["num_warps"],
-                     elements_per_thread=c["PB"] * c["BLOCK"] / (32 * launch["num_warps"]))
+                     pb=c.get("PB", c.get("BO")), block=c.get("BLOCK", c.get("BS")), num_warps=launch["num_warps"])
+        entry["elements_per_thread"] = entry["pb"] * entry["block"] / (32 * launch["num_warps"])
         if "error" in r:
             entry["error"] = r["error"].strip().splitlines()[-1]
         else:
             entry.update({k: r[k] for k in ("registers", "spill_stores", "spill_loads", "shared", "ld", "st",
-                                             "loop_instructions", "loop_barriers")})
+                                             "loop_instructions", "loop_barriers", "outer_loop_instructions")})
             entry["instructions_per_element"] = r["loop_instructions"] / entry["elements_per_thread"]
             entry.update(aot.occupancy(r["registers"], r["shared"], launch["num_warps"], gpu))
         table[cfg["id"]] = entry
@@ -138,8 +156,9 @@ def generate(out_file: Path = OUT_FILE) -> Dict[str, Any]:
             total = dict(memory_us=0.0, issue_us=0.0, predicted_us=0.0)
             for k in row[direction]:
                 cfg = table[k["config"]]
-                k.update(launch_bounds(k["kernel"], k["grid"], k["num_warps"], k["steps"],
-                                       cfg.get("loop_instructions", 0), k["bytes"], gpu))
+                loop = "outer_loop_instructions" if k["kernel"] == "_strip_gate_kernel" else "loop_instructions"
+                k.update(launch_bounds(k["kernel"], k["grid"], k["num_warps"], k["steps"], cfg.get(loop, 0),
+                                       k["bytes"], gpu))
                 for key in total:
                     total[key] += k[key]
             row[f"{direction}_bounds"] = total
@@ -262,7 +281,8 @@ def render(data: Optional[Dict[str, Any]], before: Optional[Dict[str, Any]] = No
                        "fwd launches", "bwd memory µs", "bwd issue µs", "bwd predicted µs", "bwd before µs",
                        "bwd kernel instr/element", "bwd launches"], rows))
 
-    out.append("\nWhole network, 17 layers (device = Σ predicted per launch; host = launches × "
+    out.append("\nWhole network, 17 layers (device = Σ predicted per Triton launch; the torch ops around them, the "
+               "backward's gate adjoints, count as launches only; host = launches × "
                f"{host:g} µs; a step costs at least the larger):\n")
     totals: "OrderedDict[tuple, Dict[str, float]]" = OrderedDict()
     for r in data["rows"]:
@@ -312,8 +332,9 @@ def _steering(ok: List[Dict[str, Any]]) -> str:
         kernel = "_" + c["kernel"]
         return PASSES[(kernel, c["weighted"])] * (4 if c["dtype"] == "float32" else 2)
 
-    line("memory-bound by the SASS (issue time ≤ memory time per element)", ok,
-         [c for c in ok if c["instructions_per_element"] / lane_rate > bytes_per_element(c) / gpu["hbm_bytes_per_s"]])
+    streams = [c for c in ok if c["kernel"] != "strip_gate_kernel"]  # the gates are a small GEMM, not a stream
+    line("memory-bound by the SASS (issue time ≤ memory time per element)", streams,
+         [c for c in streams if c["instructions_per_element"] / lane_rate > bytes_per_element(c) / gpu["hbm_bytes_per_s"]])
     line("no spills", ok, [c for c in ok if c["spill_stores"] or c["spill_loads"]])
     line("at least 16 resident warps per SM", ok, [c for c in ok if c["warps"] < 16])
     line("vectorised (≥ 64-bit) loads of the main streams (widest global load)", ok,

@@ -527,7 +527,7 @@ def fake_cuda_launches(monkeypatch):
             guard.pop()
 
     monkeypatch.setattr(mpt, "_on_device", on_device)
-    for kernel in ("_meta_pool_forward_kernel", "_meta_pool_backward_kernel", "_strip_reduce_kernel"):
+    for kernel in ("_meta_pool_forward_kernel", "_meta_pool_backward_kernel", "_strip_reduce_kernel", "_strip_gate_kernel"):
         monkeypatch.setattr(mpt, kernel, LaunchRecorder(kernel, launches, guard))
     return mpt, launches
 

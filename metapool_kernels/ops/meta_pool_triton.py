@@ -5,7 +5,8 @@ docs, fake kernels and autograd). Without a GPU they run on CPU tensors in Trito
 
 Forward (docs/DESIGN.md budget 5·|x|, floor 3·|x|; this moves 3·|x| with 'strip', 2·|x| without):
   pass 1, only with 'strip' (``_strip_reduce_kernel``): the strip sums of x (reads x once).
-  the strip gates: two tiny pointwise convs on the strip means and their sigmoids (torch).
+  the strip gates (``_strip_gate_kernel``): both tiny pointwise convs on the strip means, bias
+    and sigmoid in one launch, the means summed from pass 1's partials as the GEMM reads them.
   pass 2 (``_meta_pool_forward_kernel``): one read of x computes every local candidate present
     (skip, avg3/5/7, max3/5/7) and the strip term π_strip · x · σ(g_h) σ(g_w), mixes them in the
     accumulation dtype and writes the output once (so float16/bfloat16 round the mixture once).
@@ -23,7 +24,7 @@ Where each candidate lives:
             ``_grad_row_partials`` (weights ``_tap_weights``), ``_line_sum``
   max3/5/7  ``_row_partials`` (row maxima), ``_line_max``; backward: ``_argmax_position`` (rows),
             ``_scatter``, ``_argmax_offset`` (columns), ``_from_lane``
-  strip     ``_strip_reduce_kernel`` (z_h, z_w), ``_gate`` (the gate convs, torch), the
+  strip     ``_strip_reduce_kernel`` (z_h, z_w), ``_strip_gate_kernel`` (the gate convs), the
             π · x · σ_h σ_w term in the forward kernel; backward: ``_strip_reduce_kernel`` on
             grad · x, ``_gate_backward``, the strip adjoints in the backward kernel
   π         ``_weight`` (constexpr slots; a fixed layer's weight is 1)
@@ -85,6 +86,7 @@ INTERPRETER_LANES = 2048
 # (channels in NHWC, columns in NCHW) keep only the == 1 specialisation, which makes accesses
 # contiguous. Alignment for vector accesses comes from VEC (see _aligned_strides), not from values.
 _RUNTIME_INTS = ("C", "H", "W", "rows_per_prog", "c_blocks", "n_tiles", "n_chunks", "n_pi",
+                 "n_h_parts", "n_w_parts", "h_divisor", "w_divisor",
                  "sxn", "sxh", "son", "soh", "sgn", "sgh", "san", "sah", "sbn", "sbh")
 _MAYBE_UNIT_STRIDES = ("sxc", "sxw", "soc", "sow", "sgc", "sgw", "sac", "saw", "sbc", "sbw")
 _launch_kernel = triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_MAYBE_UNIT_STRIDES)
@@ -95,7 +97,8 @@ _launch_kernel = triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_o
 #
 # Shapes inside the kernels: a program holds PB channels × BLOCK columns as [PB, BLOCK] tensors,
 # and a delay line is seven of them (positions 0-6; a window uses fixed positions, the rest stay
-# unused and compile away). Load masks are built as full tensors, never as scalars (the interpreter mishandles scalar boolean masks). Candidates are constexpr positions
+# unused and compile away). Load masks are built as full tensors, never as scalars (the
+# interpreter mishandles scalar boolean masks). Candidates are constexpr positions
 # in π (-1: absent); FIXED: a fixed layer, its one candidate weighs exactly 1 and π is not read.
 # =============================================================================================
 @triton.jit
@@ -238,21 +241,9 @@ def _line_sum(l0, l1, l2, l3, l4, l5, l6, LO: tl.constexpr, HI: tl.constexpr):
 @triton.jit
 def _line_max(l0, l1, l2, l3, l4, l5, l6, LO: tl.constexpr, HI: tl.constexpr):
     """max(l_LO, …, l_HI), NaN if any is NaN (as max_pool2d)."""
-    m = tl.full(l0.shape, float("-inf"), l0.dtype)
-    if LO <= 0:
-        m = tl.maximum(m, l0, propagate_nan=tl.PropagateNan.ALL)
-    if LO <= 1 and 1 <= HI:
-        m = tl.maximum(m, l1, propagate_nan=tl.PropagateNan.ALL)
-    if LO <= 2 and 2 <= HI:
-        m = tl.maximum(m, l2, propagate_nan=tl.PropagateNan.ALL)
-    if LO <= 3 and 3 <= HI:
-        m = tl.maximum(m, l3, propagate_nan=tl.PropagateNan.ALL)
-    if LO <= 4 and 4 <= HI:
-        m = tl.maximum(m, l4, propagate_nan=tl.PropagateNan.ALL)
-    if LO <= 5 and 5 <= HI:
-        m = tl.maximum(m, l5, propagate_nan=tl.PropagateNan.ALL)
-    if 6 <= HI:
-        m = tl.maximum(m, l6, propagate_nan=tl.PropagateNan.ALL)
+    m = _pick(l0, l1, l2, l3, l4, l5, l6, LO)
+    for j in tl.static_range(LO + 1, HI + 1):
+        m = tl.maximum(m, _pick(l0, l1, l2, l3, l4, l5, l6, j), propagate_nan=tl.PropagateNan.ALL)
     return m
 
 
@@ -426,8 +417,55 @@ def _tap_weights(cols, W, ACC: tl.constexpr):
     return c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6
 
 
+@_launch_kernel
+def _strip_gate_kernel(
+    zh_parts_ptr, zw_parts_ptr, wh_ptr, bh_ptr, ww_ptr, bw_ptr, zh_ptr, zw_ptr, sh_ptr, sw_ptr,
+    C, H, W, n_h_parts, n_w_parts, h_divisor, w_divisor,
+    WRITE_Z: tl.constexpr, BO: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr, ACC: tl.constexpr,
+):
+    """σ(W z + b) of one strip gate (program_id(1): 0 the rows' gate over H, 1 the columns' over W)
+    for one sample and BO output channels: the two pointwise convs, bias and sigmoid in one launch.
+
+    z, the strip means (N·C, S), is summed from the strip reduction's partials (n_parts, N·C, S)
+    and divided by the reduced extent as the GEMM reads it; WRITE_Z: the first channel block
+    also writes z (the forward returns it for the backward).
+    """
+    n = tl.program_id(0)
+    rows_gate = tl.program_id(1) == 0
+    o0 = tl.program_id(2) * BO
+    if rows_gate:
+        parts_ptr, w_ptr, b_ptr, z_ptr, s_ptr = zh_parts_ptr, wh_ptr, bh_ptr, zh_ptr, sh_ptr
+        S, n_parts, divisor = H, n_h_parts, h_divisor
+    else:
+        parts_ptr, w_ptr, b_ptr, z_ptr, s_ptr = zw_parts_ptr, ww_ptr, bw_ptr, zw_ptr, sw_ptr
+        S, n_parts, divisor = W, n_w_parts, w_divisor
+    n_planes = tl.num_programs(0) * C
+    outs = o0 + tl.arange(0, BO)
+    pos = tl.arange(0, BS)
+    out_ok = (outs < C)[:, None] & (pos < S)[None, :]
+    first_block = (tl.zeros([BC, BS], tl.int32) + o0) == 0
+    acc = tl.zeros([BO, BS], ACC)
+    for c0 in range(0, C, BC):
+        chans = c0 + tl.arange(0, BC)
+        z_ok = (chans < C)[:, None] & (pos < S)[None, :]
+        rows = (n.to(tl.int64) * C + chans)[:, None] * S + pos[None, :]
+        z = tl.zeros([BC, BS], ACC)
+        for part in range(0, n_parts):
+            z += tl.load(parts_ptr + part * n_planes * S + rows, mask=z_ok, other=0.0).to(ACC)
+        z = z / divisor
+        if WRITE_Z:
+            tl.store(z_ptr + rows, z, mask=z_ok & first_block)
+        w = tl.load(w_ptr + outs[:, None] * C + chans[None, :], mask=(outs < C)[:, None] & (chans < C)[None, :],
+                    other=0.0).to(ACC)
+        acc += tl.dot(w, z, input_precision="ieee")
+    g = acc + tl.load(b_ptr + outs, mask=outs < C, other=0.0).to(ACC)[:, None]
+    tl.store(s_ptr + (n.to(tl.int64) * C + outs)[:, None] * S + pos[None, :], tl.sigmoid(g), mask=out_ok)
+
+
 @triton.jit
-def _grad_row_partials(row_ptrs, cols, stride_w, row_ok, W, c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6, R: tl.constexpr, ACC: tl.constexpr):
+def _grad_row_partials(row_ptrs, cols, stride_w, row_ok, W,
+                       c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6,
+                       R: tl.constexpr, ACC: tl.constexpr):
     """Σ_{|d| ≤ r} grad[q + d] / count_r(q + d) of one grad row for r = 1, 2, 3 (weights from
     _tap_weights): the horizontal half of the avg adjoints, each output's gradient spread over
     its window and divided by the window's column count. One set of 2R+1 shifted loads serves all
@@ -560,7 +598,8 @@ def _meta_pool_backward_kernel(
     if AVG7 >= 0:
         w_avg7 = _weight(pi_ptr, AVG7, FIXED, ACC)
     if AVG3 >= 0 or AVG5 >= 0 or AVG7 >= 0:
-        c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6 = _tap_weights(q2, W, ACC)
+        (c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4,
+         c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6) = _tap_weights(q2, W, ACC)
     if MAX3 >= 0:
         w_max3 = _weight(pi_ptr, MAX3, FIXED, ACC)
     if MAX5 >= 0:
@@ -617,19 +656,24 @@ def _meta_pool_backward_kernel(
         gp = tl.load(g_cols + p * sgh, mask=p_in & q_ok, other=0.0).to(ACC)
         p_mask = out_ok & (p >= r0) & (p < r1)  # the outputs whose α terms this program sums
         if AVG3 >= 0 or AVG5 >= 0 or AVG7 >= 0:
-            h3, h5, h7 = _grad_row_partials(g_cols + p * sgh, q2, sgw, p_in & q_ok, W, c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6, R, ACC)
+            h3, h5, h7 = _grad_row_partials(
+                g_cols + p * sgh, q2, sgw, p_in & q_ok, W,
+                c1_0, c1_1, c1_2, c2_0, c2_1, c2_2, c2_3, c2_4, c3_0, c3_1, c3_2, c3_3, c3_4, c3_5, c3_6, R, ACC)
         # Max: the row holding each column's window argmax takes the gradient; the horizontal
         # half of the argmax is resolved when that row finishes.
         if MAX3 >= 0:
-            va, top = _argmax_position(m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6, t, H, R - 1, R + 1)
+            va, top = _argmax_position(m3_0, m3_1, m3_2, m3_3, m3_4, m3_5, m3_6,
+                                       t, H, R - 1, R + 1)
             alpha_m3 += tl.where(p_mask, gp * top, 0.0)
             u3_0, u3_1, u3_2, u3_3, u3_4, u3_5, u3_6 = _scatter(u3_0, u3_1, u3_2, u3_3, u3_4, u3_5, u3_6, va, gp, R - 1, 3)
         if MAX5 >= 0:
-            va, top = _argmax_position(m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6, t, H, R - 2, R + 2)
+            va, top = _argmax_position(m5_0, m5_1, m5_2, m5_3, m5_4, m5_5, m5_6,
+                                       t, H, R - 2, R + 2)
             alpha_m5 += tl.where(p_mask, gp * top, 0.0)
             u5_0, u5_1, u5_2, u5_3, u5_4, u5_5, u5_6 = _scatter(u5_0, u5_1, u5_2, u5_3, u5_4, u5_5, u5_6, va, gp, R - 2, 5)
         if MAX7 >= 0:
-            va, top = _argmax_position(m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6, t, H, R - 3, R + 3)
+            va, top = _argmax_position(m7_0, m7_1, m7_2, m7_3, m7_4, m7_5, m7_6,
+                                       t, H, R - 3, R + 3)
             alpha_m7 += tl.where(p_mask, gp * top, 0.0)
             u7_0, u7_1, u7_2, u7_3, u7_4, u7_5, u7_6 = _scatter(u7_0, u7_1, u7_2, u7_3, u7_4, u7_5, u7_6, va, gp, R - 3, 7)
         # Avg: grad / window count, box-summed: horizontally by shifted loads of this grad row,
@@ -867,13 +911,30 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
 
 
 # =============================================================================================
-# The strip gates (tiny pointwise convs on the strip means; cuBLAS does them)
+# The strip gates (tiny pointwise convs on the strip means; the adjoints are cuBLAS GEMMs)
 # =============================================================================================
-def _gate(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """σ(W z + b) for every sample: one batched GEMM with the bias as its addend (the weight is
-    broadcast over the batch, not copied), then the sigmoid in place."""
-    w = weight.reshape(weight.shape[0], -1).to(z.dtype)
-    return torch.baddbmm(bias.to(z.dtype).view(1, -1, 1), w.expand(z.shape[0], -1, -1), z).sigmoid_()
+GATE_BLOCK = 16  # input channels per GEMM step (tl.dot's smallest tile)
+GATE_MAX_OUTPUTS = 64  # output channels per program: each re-reads z, so wide, but 16 × 4 warps
+
+
+def _gates(z_h_parts: torch.Tensor, z_w_parts: torch.Tensor, weights: Sequence[torch.Tensor], divisors: Tuple[int, int],
+           shape: Tuple[int, int, int, int], z_out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    """(σ_h, σ_w), (N, C, H) and (N, C, W): both strip gates in one launch, from the strip sums'
+    partials (divided by ``divisors`` into means); with ``z_out``, the means are written there."""
+    N, C, H, W = shape
+    acc = z_h_parts.dtype
+    sh = torch.empty((N, C, H), dtype=acc, device=z_h_parts.device)
+    sw = torch.empty((N, C, W), dtype=acc, device=z_h_parts.device)
+    wh, bh, ww, bw = (t.contiguous() for t in weights)
+    zh, zw = z_out if z_out is not None else (sh, sw)
+    # maxnreg: left to its own heuristic, ptxas caps the widest configuration at 80 registers and spills.
+    outputs = max(GATE_BLOCK, min(GATE_MAX_OUTPUTS, _next_pow2(C)))
+    _strip_gate_kernel[(N, 2, triton.cdiv(C, outputs))](
+        z_h_parts, z_w_parts, wh, bh, ww, bw, zh, zw, sh, sw,
+        C, H, W, z_h_parts.shape[0], z_w_parts.shape[0], divisors[0], divisors[1],
+        WRITE_Z=z_out is not None, BO=outputs, BC=GATE_BLOCK, BS=max(16, _next_pow2(max(H, W))),
+        ACC=_acc(acc), num_warps=4, maxnreg=128)
+    return sh, sw
 
 
 def _gate_backward(grad_g: torch.Tensor, z: torch.Tensor, weight: torch.Tensor):
@@ -887,10 +948,10 @@ def _gate_backward(grad_g: torch.Tensor, z: torch.Tensor, weight: torch.Tensor):
     return grad_w.reshape(weight.shape).to(weight.dtype), grad_b.to(weight.dtype), grad_z
 
 
-def _strip_reduce(a: torch.Tensor, b: Optional[torch.Tensor] = None, sh: Optional[torch.Tensor] = None,
-                  sw: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_w q·sw, Σ_h q·sh) as (N, C, H), (N, C, W) in the accumulation dtype, q = a·b; without
-    b: the plain row and column sums of a."""
+def _strip_partials(a: torch.Tensor, b: Optional[torch.Tensor] = None, sh: Optional[torch.Tensor] = None,
+                    sw: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Partials of (Σ_w q·sw, Σ_h q·sh), (tiles, N·C, H) and (chunks, N·C, W) in the accumulation
+    dtype, q = a·b; without b: of the plain row and column sums of a."""
     N, C, H, W = a.shape
     acc = compute_dtype(a.dtype)
     weighted = b is not None
@@ -902,9 +963,17 @@ def _strip_reduce(a: torch.Tensor, b: Optional[torch.Tensor] = None, sh: Optiona
         a, b, sh if weighted else rows, sw if weighted else rows, rows, cols,
         C, H, W, *_strides(a), *_strides(b), grid.rows, grid.c_blocks,
         WEIGHTED=weighted, ACC=_acc(a.dtype), **grid.constexprs(), num_warps=grid.num_warps)
-    # One tile (or chunk) writes the sums themselves: no reduction launch for it.
-    rows = rows[0] if grid.tiles == 1 else rows.sum(0)
-    cols = cols[0] if grid.chunks == 1 else cols.sum(0)
+    return rows, cols
+
+
+def _strip_reduce(a: torch.Tensor, b: torch.Tensor, sh: torch.Tensor,
+                  sw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_w q·sw, Σ_h q·sh) as (N, C, H), (N, C, W), q = a·b; one tile (or chunk) writes the sums
+    themselves, so no reduction launch for it."""
+    N, C, H, W = a.shape
+    rows, cols = _strip_partials(a, b, sh, sw)
+    rows = rows[0] if rows.shape[0] == 1 else rows.sum(0)
+    cols = cols[0] if cols.shape[0] == 1 else cols.sum(0)
     return rows.view(N, C, H), cols.view(N, C, W)
 
 
@@ -931,10 +1000,10 @@ def forward(
         return out, x.new_zeros((N, C, H if has_strip else 0), dtype=acc), x.new_zeros((N, C, W if has_strip else 0), dtype=acc)
     with _on_device(x):
         if has_strip:
-            row_sums, col_sums = _strip_reduce(x)
-            z_h, z_w = row_sums / W, col_sums / H
-            sh = _gate(z_h, gate_h_weight, gate_h_bias)
-            sw = _gate(z_w, gate_w_weight, gate_w_bias)
+            z_h = torch.empty((N, C, H), dtype=acc, device=x.device)
+            z_w = torch.empty((N, C, W), dtype=acc, device=x.device)
+            sh, sw = _gates(*_strip_partials(x), (gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias), (W, H),
+                            (N, C, H, W), (z_h, z_w))
         else:
             z_h, z_w = x.new_empty((N, C, 0), dtype=acc), x.new_empty((N, C, 0), dtype=acc)
             sh = sw = out  # never read
@@ -979,8 +1048,8 @@ def backward(
         if has_strip:
             si = names.index("strip")
             strip_w = None if fixed else pi[si].to(acc)
-            sh = _gate(z_h, gate_h_weight, gate_h_bias)
-            sw = _gate(z_w, gate_w_weight, gate_w_bias)
+            sh, sw = _gates(z_h.view(1, N * C, H), z_w.view(1, N * C, W),
+                            (gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias), (1, 1), (N, C, H, W))
             row_sum, col_sum = _strip_reduce(grad, x, sh, sw)  # Σ_w grad·x·σ(g_w), Σ_h grad·x·σ(g_h)
             grad_gh = torch.addcmul(sh, sh, sh, value=-1).mul_(row_sum)  # σ'(g) = σ - σ²
             grad_gw = torch.addcmul(sw, sw, sw, value=-1).mul_(col_sum)
