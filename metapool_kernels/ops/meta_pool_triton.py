@@ -228,7 +228,8 @@ def _pick(l0, l1, l2, l3, l4, l5, l6, K: tl.constexpr):
 @triton.jit
 def _line_sum(l0, l1, l2, l3, l4, l5, l6, LO: tl.constexpr, HI: tl.constexpr):
     """l_LO + … + l_HI of a delay line (constexpr positions: the window's rows are registers)."""
-    # A pairwise order: (l_LO + l_LO+1) + (… ) keeps the adds of a window independent.
+    # Pairwise, (l_LO + l_LO+1) + (…): summed as one chain from l_LO, the fixed avg5 layer's
+    # lines crash LLVM's SLP vectorizer inside Triton's compiler (an assertion on phi reordering).
     total = _pick(l0, l1, l2, l3, l4, l5, l6, LO) + _pick(l0, l1, l2, l3, l4, l5, l6, LO + 1)
     if LO + 3 <= HI:
         total += _pick(l0, l1, l2, l3, l4, l5, l6, LO + 2) + _pick(l0, l1, l2, l3, l4, l5, l6, LO + 3)
