@@ -203,6 +203,53 @@ def test_every_op_fixed(shape, fixed, layout):
     check(shape, PAPER_CANDIDATES, fixed=fixed, layout=layout, seed=3)
 
 
+WINDOW_OPS = ("avg3", "avg5", "avg7", "max3", "max5", "max7")
+FIXED_SHAPES = [
+    (1, 3, 1, 1), (2, 2, 2, 3), (1, 2, 5, 6), (1, 3, 9, 7),  # maps narrower than the windows
+    (2, 3, 5, 17), (1, 2, 70, 33), (1, 2, 112, 112),  # unit-stride NCHW rows, row chunks
+    (2, 9, 6, 11), (2, 33, 4, 40),  # packed NCHW rows; whole channels_last rows
+    (1, 300, 7, 7), (1, 20, 5, 112),  # channels_last blocks narrower than C: rows read with stride C
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", FIXED_SHAPES, ids=shape_id)
+def test_fixed_window_kernel(shape, layout, dtype):
+    """A fixed window layer's own kernel (op and radius compiled in, rows in place, borders apart)
+    against ATen's pooling: max bitwise, avg within the dtype's tolerance."""
+    x = to_layout(randn(shape, dtype=dtype, seed=sum(shape)), layout)
+    for name in WINDOW_OPS:
+        k = int(name[-1])
+        out = torch.ops.metapool.meta_pool(x, None, None, None, None, None, name)[0]
+        if name.startswith("max"):
+            assert torch.equal(out, F.max_pool2d(x, k, 1, k // 2)), name
+        else:
+            ref = F.avg_pool2d(x.double(), k, 1, k // 2, count_include_pad=False)
+            assert_rel_close(out.double(), ref, TOL[dtype], name)
+        assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                 else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ("max3", "max5", "max7"))
+def test_fixed_max_redoes_rows_with_nan_exactly(name, layout):
+    """The fast vector max drops a NaN operand; rows and windows holding NaN or ±inf are redone
+    with the NaN-propagating max, so the result is ATen's, NaN positions included."""
+    k = int(name[-1])
+    x = randn((2, 16, 13, 40), seed=k)
+    x[0, 3, 0, 0] = float("nan")  # a corner: border row and column
+    x[0, 5, 6, 20] = float("nan")  # the interior
+    x[1, 7, 12, 39] = float("nan")
+    x[1, 2, 4, :] = float("-inf")
+    x[1, 9, 8, 10] = float("inf")
+    x = to_layout(x, layout)
+    out = torch.ops.metapool.meta_pool(x, None, None, None, None, None, name)[0]
+    ref = F.max_pool2d(x, k, 1, k // 2)
+    assert ref.isnan().sum() > 0 and torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Shapes around vector widths, packing, channel blocks and row chunks
 # --------------------------------------------------------------------------------------------

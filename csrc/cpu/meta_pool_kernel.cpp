@@ -605,6 +605,171 @@ void meta_pool_forward_kernel_impl(const MetaPoolArgs& a, const Layout& g,
 }
 
 // ---------------------------------------------------------------------------------------------
+// A fixed layer of one window op (avg or max of radius R) has a kernel of its own: the op and R
+// are compile-time constants, so every window is unrolled. Rows are read and written in place
+// when their dtype is the accumulation type (16-bit rows and narrow NCHW maps go through one
+// packed copy); columns and rows whose window leaves the map are done apart, so the interior
+// loops load unconditionally. max takes the one-instruction vector max, which drops a NaN
+// operand: each row is probed for NaN/inf through its centre loads (one FMA per vector), and a
+// row or window that holds one is redone with the NaN-propagating max, exactly.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+inline Vectorized<T> fast_max(const Vectorized<T>& a, const Vectorized<T>& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return Vectorized<float>(_mm256_max_ps(a, b));
+  if constexpr (std::is_same_v<T, double>) return Vectorized<double>(_mm256_max_pd(a, b));
+#endif
+  return at::vec::maximum(a, b);
+}
+
+template <typename T, bool kMax, bool kExact>
+inline Vectorized<T> combine(const Vectorized<T>& a, const Vectorized<T>& b) {
+  if constexpr (!kMax) return a + b;
+  else if constexpr (kExact) return at::vec::maximum(a, b);
+  else return fast_max(a, b);
+}
+
+// body(s, d, n) over the positions of columns [j0, j1): s in a row of column stride `cs`, d in a
+// packed row (column stride `lanes`); one flat vector loop when the two coincide.
+template <typename T, typename F>
+inline void for_columns(int64_t j0, int64_t j1, int64_t lanes, int64_t cs, F&& body) {
+  constexpr int64_t V = Vectorized<T>::size();
+  if (cs == lanes) {
+    int64_t f = j0 * lanes;
+    const int64_t e = j1 * lanes;
+    for (; f + V <= e; f += V) body(f, f, V);
+    if (f < e) body(f, f, e - f);
+    return;
+  }
+  for (int64_t j = j0; j < j1; ++j)
+    vec_loop<T>(lanes, [&](int64_t l, int64_t n) { body(j * cs + l, j * lanes + l, n); });
+}
+
+// h (packed) = op over columns j - R .. j + R within the row, avg divided by the column count.
+// Returns whether a centre value was NaN or infinite (a max row then needs the exact max).
+template <typename T, bool kMax, int R, bool kExact>
+bool window_row(const T* src, int64_t cs, int64_t W, int64_t lanes, T* h) {
+  using Vec = Vectorized<T>;
+  const Vec zero(T(0));
+  Vec probe(T(0));
+  auto centre = [&](const T* p, int64_t n) {
+    const Vec v = load(p, n);
+    if constexpr (kMax && !kExact) probe = at::vec::fmadd(v, zero, probe);  // NaN for NaN or inf
+    return v;
+  };
+  const int64_t j0 = std::min<int64_t>(R, W), j1 = std::max<int64_t>(W - R, j0);
+  const Vec inner(T(1) / T(2 * R + 1));
+  for_columns<T>(j0, j1, lanes, cs, [&](int64_t s, int64_t d, int64_t n) {
+    Vec v = centre(src + s, n);
+    for (int k = 1; k <= R; ++k)
+      v = combine<T, kMax, kExact>(combine<T, kMax, kExact>(v, load(src + s - k * cs, n)), load(src + s + k * cs, n));
+    if constexpr (!kMax) v = v * inner;
+    store(h + d, v, n);
+  });
+  auto edge = [&](int64_t j) {
+    const int64_t lo = -std::min<int64_t>(R, j), hi = std::min<int64_t>(R, W - 1 - j);
+    const Vec scale(T(1) / static_cast<T>(hi - lo + 1));
+    for_columns<T>(j, j + 1, lanes, cs, [&](int64_t s, int64_t d, int64_t n) {
+      Vec v = centre(src + s, n);
+      for (int64_t k = lo; k <= hi; ++k)
+        if (k != 0) v = combine<T, kMax, kExact>(v, load(src + s + k * cs, n));
+      if constexpr (!kMax) v = v * scale;
+      store(h + d, v, n);
+    });
+  };
+  for (int64_t j = 0; j < j0; ++j) edge(j);
+  for (int64_t j = j1; j < W; ++j) edge(j);
+  return std::isnan(reduce_sum(probe));
+}
+
+// dst (column stride cs) = op over `count` packed rows (kRows of them when kRows > 0), · scale.
+template <typename T, bool kMax, int kRows, bool kExact>
+void window_rows(const T* const* rows, int count, T scale, int64_t W, int64_t lanes, T* dst, int64_t cs) {
+  using Vec = Vectorized<T>;
+  const int n_rows = kRows > 0 ? kRows : count;
+  const Vec sv(scale);
+  for_columns<T>(0, W, lanes, cs, [&](int64_t s, int64_t d, int64_t n) {
+    Vec v = load(rows[0] + d, n);
+    for (int k = 1; k < n_rows; ++k) v = combine<T, kMax, kExact>(v, load(rows[k] + d, n));
+    if constexpr (!kMax) v = v * sv;
+    store(dst + s, v, n);
+  });
+}
+
+template <typename scalar_t, bool kMax, int R>
+void local_forward_kernel_impl(const MetaPoolArgs& a, const Layout& g, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = g.H, W = g.W;
+  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+  at::parallel_for(0, g.items(), 1, [&](int64_t begin, int64_t end) {
+    Buffer<acc_t> ring_buf, in_buf, out_buf;
+    for (int64_t index = begin; index < end; ++index) {
+      const Item it(g, index);
+      const int64_t L = it.L, lanes = it.clen;
+      // In place: rows of one channel with unit column stride, or channels_last blocks.
+      const bool in_place = std::is_same_v<scalar_t, acc_t> && (lanes == 1 ? it.cstride == 1 : it.lstride == 1);
+      const int64_t cs = in_place && lanes > 1 ? it.cstride : lanes;
+      acc_t* ring = ring_buf.get(kRing * L);
+      acc_t* in_row = in_place ? nullptr : in_buf.get(L);
+      acc_t* out_row = in_place ? nullptr : out_buf.get(L);
+      bool nonfinite[kRing] = {};
+      const int64_t t1 = std::min<int64_t>(it.r1 + R, H);
+      for (int64_t t = std::max<int64_t>(it.r0 - R, 0); t < t1 + R; ++t) {
+        if (t < t1) {  // row t arrives
+          const scalar_t* xt = x + it.base + t * it.rstride;
+          const acc_t* src = reinterpret_cast<const acc_t*>(xt);
+          if (!in_place) {
+            load_row(xt, it, W, in_row);
+            src = in_row;
+          }
+          acc_t* h = ring + (t & (kRing - 1)) * L;
+          const bool bad = window_row<acc_t, kMax, R, false>(src, cs, W, lanes, h);
+          if (kMax && bad) window_row<acc_t, kMax, R, true>(src, cs, W, lanes, h);
+          nonfinite[t & (kRing - 1)] = bad;
+        }
+        const int64_t p = t - R;  // output row p: its whole window has arrived
+        if (p < it.r0 || p >= it.r1) continue;
+        const acc_t* rows[2 * R + 1];
+        int count = 0;
+        bool exact = false;
+        for (int64_t i = std::max<int64_t>(p - R, 0); i <= std::min<int64_t>(p + R, H - 1); ++i) {
+          rows[count++] = ring + (i & (kRing - 1)) * L;
+          exact |= nonfinite[i & (kRing - 1)];
+        }
+        const acc_t scale = kMax ? acc_t(1) : acc_t(1) / static_cast<acc_t>(count);
+        scalar_t* op = out + it.base + p * it.rstride;
+        acc_t* dst = in_place ? reinterpret_cast<acc_t*>(op) : out_row;
+        const int64_t dcs = in_place ? cs : lanes;
+        if (kMax && exact) window_rows<acc_t, kMax, 0, true>(rows, count, scale, W, lanes, dst, dcs);
+        else if (count == 2 * R + 1) window_rows<acc_t, kMax, 2 * R + 1, false>(rows, count, scale, W, lanes, dst, dcs);
+        else window_rows<acc_t, kMax, 0, false>(rows, count, scale, W, lanes, dst, dcs);
+        if (!in_place) store_row(out_row, it, W, op);
+      }
+    }
+  });
+}
+
+// The fixed layer's window op, or -1 when the call is not one.
+int fixed_window_slot(const MetaPoolArgs& a) {
+  if (a.pi.defined() || a.cand.count != 1) return -1;
+  for (int s = kAvg3; s < kLocalSlots; ++s)
+    if (a.cand.has(s)) return s;
+  return -1;
+}
+
+template <typename scalar_t>
+void local_forward(const MetaPoolArgs& a, const Layout& g, int slot, scalar_t* out) {
+  switch (slot) {
+    case kAvg3: return local_forward_kernel_impl<scalar_t, false, 1>(a, g, out);
+    case kAvg5: return local_forward_kernel_impl<scalar_t, false, 2>(a, g, out);
+    case kAvg7: return local_forward_kernel_impl<scalar_t, false, 3>(a, g, out);
+    case kMax3: return local_forward_kernel_impl<scalar_t, true, 1>(a, g, out);
+    case kMax5: return local_forward_kernel_impl<scalar_t, true, 2>(a, g, out);
+    default: return local_forward_kernel_impl<scalar_t, true, 3>(a, g, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward: grad x and the α partial sums of every local candidate.
 // Three stages per step, named as in the Triton backward (meta_pool_triton.py):
 //   arrive, row t: horizontal max/argmax of x (max candidates) and box sums of
@@ -988,8 +1153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_pool_forward_cpu(
     sh = strip_gate_values(z_h, a.gate_h_weight, a.gate_h_bias);
     sw = strip_gate_values(z_w, a.gate_w_weight, a.gate_w_bias);
   }
+  const int slot = fixed_window_slot(a);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if (slot >= 0) return local_forward<scalar_t>(a, g, slot, out.mutable_data_ptr<scalar_t>());
     meta_pool_forward_kernel_impl<scalar_t>(a, g, sh.defined() ? sh.const_data_ptr<acc_t>() : nullptr,
                              sw.defined() ? sw.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
   });
