@@ -34,6 +34,7 @@
 //   strip     strip_sums (z_h, z_w), strip_gate_values (σ(W z + b)), fwd: π · x · σ_h σ_w;
 //             bwd: strip_sums of grad · x, strip_gate_grads, the strip adjoints
 //   π         Weights; α's partial sums Σ grad · op_k(x) in bwd
+//   fixed avg/max layer, fwd: local_forward_kernel_impl (op and radius compiled in, rows in place)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -645,8 +646,9 @@ inline void for_columns(int64_t j0, int64_t j1, int64_t lanes, int64_t cs, F&& b
     vec_loop<T>(lanes, [&](int64_t l, int64_t n) { body(j * cs + l, j * lanes + l, n); });
 }
 
-// h (packed) = op over columns j - R .. j + R within the row, avg divided by the column count.
-// Returns whether a centre value was NaN or infinite (a max row then needs the exact max).
+// h (packed) = op over columns j - R .. j + R within the row; an avg border column's sum is scaled
+// by (2R + 1) / its count, so that every sum divides by 2R + 1 in window_rows (no multiply in the
+// interior here). Returns whether a centre value was NaN or infinite (a max row then needs the exact max).
 template <typename T, bool kMax, int R, bool kExact>
 bool window_row(const T* src, int64_t cs, int64_t W, int64_t lanes, T* h) {
   using Vec = Vectorized<T>;
@@ -658,17 +660,15 @@ bool window_row(const T* src, int64_t cs, int64_t W, int64_t lanes, T* h) {
     return v;
   };
   const int64_t j0 = std::min<int64_t>(R, W), j1 = std::max<int64_t>(W - R, j0);
-  const Vec inner(T(1) / T(2 * R + 1));
   for_columns<T>(j0, j1, lanes, cs, [&](int64_t s, int64_t d, int64_t n) {
     Vec v = centre(src + s, n);
     for (int k = 1; k <= R; ++k)
       v = combine<T, kMax, kExact>(combine<T, kMax, kExact>(v, load(src + s - k * cs, n)), load(src + s + k * cs, n));
-    if constexpr (!kMax) v = v * inner;
     store(h + d, v, n);
   });
   auto edge = [&](int64_t j) {
     const int64_t lo = -std::min<int64_t>(R, j), hi = std::min<int64_t>(R, W - 1 - j);
-    const Vec scale(T(1) / static_cast<T>(hi - lo + 1));
+    const Vec scale(T(2 * R + 1) / static_cast<T>(hi - lo + 1));
     for_columns<T>(j, j + 1, lanes, cs, [&](int64_t s, int64_t d, int64_t n) {
       Vec v = centre(src + s, n);
       for (int64_t k = lo; k <= hi; ++k)
@@ -677,8 +677,38 @@ bool window_row(const T* src, int64_t cs, int64_t W, int64_t lanes, T* h) {
       store(h + d, v, n);
     });
   };
-  for (int64_t j = 0; j < j0; ++j) edge(j);
-  for (int64_t j = j1; j < W; ++j) edge(j);
+  if (R >= 2 && lanes == 1 && W >= Vec::size() + R) {
+    // One channel per row: a border is R single columns, each a vector loop of one element. Do
+    // each border as one vector over a small copy padded so that the window needs no clipping:
+    // zeros for a sum (the border sums then scale by (2R + 1) / count), the edge value for a max
+    // (every clipped window holds it). At R = 1 the per-column loop is the cheaper (measured).
+    constexpr int64_t V = Vec::size();
+    alignas(64) T tmp[V + 2 * R];
+    auto border = [&](int64_t pos, const T* factor) {  // output columns pos .. pos + R - 1
+      if (pos == 0) {
+        std::fill(tmp, tmp + R, kMax ? src[0] : T(0));
+        std::memcpy(tmp + R, src, (V + R) * sizeof(T));
+      } else {
+        std::memcpy(tmp, src + W - 2 * R, 2 * R * sizeof(T));
+        std::fill(tmp + 2 * R, tmp + V + 2 * R, kMax ? src[W - 1] : T(0));
+      }
+      Vec v = centre(tmp + R, V);
+      for (int k = 1; k <= R; ++k)
+        v = combine<T, kMax, kExact>(combine<T, kMax, kExact>(v, Vec::loadu(tmp + R - k)), Vec::loadu(tmp + R + k));
+      if constexpr (!kMax) v = v * Vec::loadu(factor);
+      store(h + pos, v, R);
+    };
+    alignas(64) T left[V], right[V];
+    for (int64_t i = 0; i < V; ++i) {
+      left[i] = i < R ? T(2 * R + 1) / static_cast<T>(i + R + 1) : T(1);
+      right[i] = i < R ? T(2 * R + 1) / static_cast<T>(2 * R - i) : T(1);
+    }
+    border(0, left);
+    border(W - R, right);
+  } else {
+    for (int64_t j = 0; j < j0; ++j) edge(j);
+    for (int64_t j = j1; j < W; ++j) edge(j);
+  }
   return std::isnan(reduce_sum(probe));
 }
 
@@ -736,7 +766,7 @@ void local_forward_kernel_impl(const MetaPoolArgs& a, const Layout& g, scalar_t*
           rows[count++] = ring + (i & (kRing - 1)) * L;
           exact |= nonfinite[i & (kRing - 1)];
         }
-        const acc_t scale = kMax ? acc_t(1) : acc_t(1) / static_cast<acc_t>(count);
+        const acc_t scale = kMax ? acc_t(1) : acc_t(1) / static_cast<acc_t>(count * (2 * R + 1));
         scalar_t* op = out + it.base + p * it.rstride;
         acc_t* dst = in_place ? reinterpret_cast<acc_t*>(op) : out_row;
         const int64_t dcs = in_place ? cs : lanes;
