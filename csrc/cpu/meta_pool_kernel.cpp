@@ -646,45 +646,44 @@ inline void for_columns(int64_t j0, int64_t j1, int64_t lanes, int64_t cs, F&& b
     vec_loop<T>(lanes, [&](int64_t l, int64_t n) { body(j * cs + l, j * lanes + l, n); });
 }
 
+// op over the whole window around p, columns `step` apart (the interior's and the padded borders').
+template <typename T, bool kMax, int R, bool kExact>
+inline Vectorized<T> full_window(const T* p, int64_t step, int64_t n) {
+  Vectorized<T> v = load(p, n);
+  for (int k = 1; k <= R; ++k)
+    v = combine<T, kMax, kExact>(combine<T, kMax, kExact>(v, load(p - k * step, n)), load(p + k * step, n));
+  return v;
+}
+
 // h (packed) = op over columns j - R .. j + R within the row; an avg border column's sum is scaled
 // by (2R + 1) / its count, so that every sum divides by 2R + 1 in window_rows (no multiply in the
-// interior here). Returns whether a centre value was NaN or infinite (a max row then needs the exact max).
+// interior here). Returns whether a centre value was NaN or infinite (a max row then needs the
+// exact max): the probe is one FMA with zero per centre vector, NaN for NaN or ±inf.
 template <typename T, bool kMax, int R, bool kExact>
 bool window_row(const T* src, int64_t cs, int64_t W, int64_t lanes, T* h) {
   using Vec = Vectorized<T>;
+  constexpr bool kProbe = kMax && !kExact;
   const Vec zero(T(0));
-  Vec probe(T(0));
-  auto centre = [&](const T* p, int64_t n) {
-    const Vec v = load(p, n);
-    if constexpr (kMax && !kExact) probe = at::vec::fmadd(v, zero, probe);  // NaN for NaN or inf
-    return v;
-  };
+  // The interior's probe is its own local, captured by no other closure: one that a border's
+  // closure also holds lived in memory, a store and reload per vector that doubled max's time.
+  Vec inner_probe(T(0)), probe(T(0));
   const int64_t j0 = std::min<int64_t>(R, W), j1 = std::max<int64_t>(W - R, j0);
   for_columns<T>(j0, j1, lanes, cs, [&](int64_t s, int64_t d, int64_t n) {
-    Vec v = centre(src + s, n);
-    for (int k = 1; k <= R; ++k)
-      v = combine<T, kMax, kExact>(combine<T, kMax, kExact>(v, load(src + s - k * cs, n)), load(src + s + k * cs, n));
-    store(h + d, v, n);
+    if constexpr (kProbe) inner_probe = at::vec::fmadd(load(src + s, n), zero, inner_probe);
+    store(h + d, full_window<T, kMax, R, kExact>(src + s, cs, n), n);
   });
-  auto edge = [&](int64_t j) {
-    const int64_t lo = -std::min<int64_t>(R, j), hi = std::min<int64_t>(R, W - 1 - j);
-    const Vec scale(T(2 * R + 1) / static_cast<T>(hi - lo + 1));
-    for_columns<T>(j, j + 1, lanes, cs, [&](int64_t s, int64_t d, int64_t n) {
-      Vec v = centre(src + s, n);
-      for (int64_t k = lo; k <= hi; ++k)
-        if (k != 0) v = combine<T, kMax, kExact>(v, load(src + s + k * cs, n));
-      if constexpr (!kMax) v = v * scale;
-      store(h + d, v, n);
-    });
-  };
   if (R >= 2 && lanes == 1 && W >= Vec::size() + R) {
     // One channel per row: a border is R single columns, each a vector loop of one element. Do
     // each border as one vector over a small copy padded so that the window needs no clipping:
     // zeros for a sum (the border sums then scale by (2R + 1) / count), the edge value for a max
     // (every clipped window holds it). At R = 1 the per-column loop is the cheaper (measured).
     constexpr int64_t V = Vec::size();
-    alignas(64) T tmp[V + 2 * R];
-    auto border = [&](int64_t pos, const T* factor) {  // output columns pos .. pos + R - 1
+    alignas(64) T tmp[V + 2 * R], left[V], right[V];
+    for (int64_t i = 0; i < V; ++i) {
+      left[i] = i < R ? T(2 * R + 1) / static_cast<T>(i + R + 1) : T(1);
+      right[i] = i < R ? T(2 * R + 1) / static_cast<T>(2 * R - i) : T(1);
+    }
+    for (const int64_t pos : {int64_t(0), W - R}) {  // output columns pos .. pos + R - 1
       if (pos == 0) {
         std::fill(tmp, tmp + R, kMax ? src[0] : T(0));
         std::memcpy(tmp + R, src, (V + R) * sizeof(T));
@@ -692,24 +691,28 @@ bool window_row(const T* src, int64_t cs, int64_t W, int64_t lanes, T* h) {
         std::memcpy(tmp, src + W - 2 * R, 2 * R * sizeof(T));
         std::fill(tmp + 2 * R, tmp + V + 2 * R, kMax ? src[W - 1] : T(0));
       }
-      Vec v = centre(tmp + R, V);
-      for (int k = 1; k <= R; ++k)
-        v = combine<T, kMax, kExact>(combine<T, kMax, kExact>(v, Vec::loadu(tmp + R - k)), Vec::loadu(tmp + R + k));
-      if constexpr (!kMax) v = v * Vec::loadu(factor);
+      if constexpr (kProbe) probe = at::vec::fmadd(Vec::loadu(tmp + R), zero, probe);
+      Vec v = full_window<T, kMax, R, kExact>(tmp + R, 1, V);
+      if constexpr (!kMax) v = v * Vec::loadu(pos == 0 ? left : right);
       store(h + pos, v, R);
-    };
-    alignas(64) T left[V], right[V];
-    for (int64_t i = 0; i < V; ++i) {
-      left[i] = i < R ? T(2 * R + 1) / static_cast<T>(i + R + 1) : T(1);
-      right[i] = i < R ? T(2 * R + 1) / static_cast<T>(2 * R - i) : T(1);
     }
-    border(0, left);
-    border(W - R, right);
   } else {
+    auto edge = [&](int64_t j) {
+      const int64_t lo = -std::min<int64_t>(R, j), hi = std::min<int64_t>(R, W - 1 - j);
+      const Vec scale(T(2 * R + 1) / static_cast<T>(hi - lo + 1));
+      for_columns<T>(j, j + 1, lanes, cs, [&](int64_t s, int64_t d, int64_t n) {
+        Vec v = load(src + s, n);
+        if constexpr (kProbe) probe = at::vec::fmadd(v, zero, probe);
+        for (int64_t k = lo; k <= hi; ++k)
+          if (k != 0) v = combine<T, kMax, kExact>(v, load(src + s + k * cs, n));
+        if constexpr (!kMax) v = v * scale;
+        store(h + d, v, n);
+      });
+    };
     for (int64_t j = 0; j < j0; ++j) edge(j);
     for (int64_t j = j1; j < W; ++j) edge(j);
   }
-  return std::isnan(reduce_sum(probe));
+  return std::isnan(reduce_sum(inner_probe + probe));
 }
 
 // dst (column stride cs) = op over `count` packed rows (kRows of them when kRows > 0), · scale.
