@@ -139,7 +139,8 @@ def extension():
         with open(info_path, "w") as f:
             f.write(info)
     defines = []
-    sources = [os.path.join("csrc", "metapool.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", "metapool.cpp")] + sorted(
+        glob.glob(os.path.join("csrc", "autograd", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -fopenmp: ATen's at::parallel_for is an inline template, so it runs on the threads of torch's
     # OpenMP pool only if this library is compiled with OpenMP; without it every loop is serial.
     # -Wno-unknown-pragmas: torch's vector headers carry other compilers' `#pragma unroll`.

@@ -1,6 +1,6 @@
 // Schemas of the metapool ops, their argument checks, and the module's build information.
-// Device kernels live in cpu/ and cuda/ and are registered per dispatch key there; autograd and
-// the fake (meta) kernels are registered once, in Python (metapool_kernels/ops/strip_gate.py).
+// Device kernels live in cpu/ and cuda/ and are registered per dispatch key there; autograd once
+// for every device in autograd/; the fake (meta) kernels in Python (metapool_kernels/ops/).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -178,8 +178,8 @@ MetaPoolArgs prepare_meta_pool(
 }
 
 TORCH_LIBRARY(metapool, m) {
-  // Fake kernels and autograd for these ops are registered in this Python module; torch imports
-  // it on demand when an op is traced without them.
+  // Fake kernels for these ops are registered in this Python module; torch imports it on demand
+  // when an op is traced without them.
   m.set_python_module("metapool_kernels.ops.strip_gate");
   m.def("strip_gate(Tensor x, Tensor g_h, Tensor g_w, Tensor? base=None, Tensor? weight=None) -> Tensor");
   m.def(
@@ -188,7 +188,7 @@ TORCH_LIBRARY(metapool, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(metapool, m) {
-  // meta_pool's fake kernels, autograd and Triton CUDA kernels are registered in this module.
+  // meta_pool's fake kernels and Triton CUDA kernels are registered in this module.
   m.set_python_module("metapool_kernels.ops.meta_pool");
   // candidates: comma-joined op names; pi: their weights, None for a fixed layer (one op, no
   // weight); returns (out, z_h, z_w), z the strip means ((N, C, 0) without 'strip').

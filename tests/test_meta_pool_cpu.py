@@ -526,6 +526,51 @@ def test_gradcheck_through_layer(fixed, layout):
     gradcheck_layer((2, 3, 5, 6), PAPER_CANDIDATES, fixed, layout)
 
 
+@pytest.mark.parametrize("fixed", [None, "max3", "strip"], ids=lambda m: m or "search")
+def test_autograd_is_one_cpp_node(fixed):
+    """The op's autograd is the C++ node of csrc/autograd/ (no Python autograd.Function per call),
+    and it gives each input that wants one its gradient, equal to the backward op's."""
+    C = 3
+    layer = FusedMetaPooling(C, backend="auto")
+    params = make_params(C, PAPER_CANDIDATES, 60, torch.float32)
+    with torch.no_grad():
+        for k, p in layer.named_parameters():
+            p.copy_(params[k])
+    if fixed is not None:
+        layer.fix(fixed)
+    x = randn((2, C, 5, 6), 61).requires_grad_()
+    out = layer(x)
+    assert "MetaPoolFunction" in out.grad_fn.name()
+    go = randn(x.shape, 62)
+    wanted = [x] + [p for p in layer.parameters() if p.requires_grad]
+    got = torch.autograd.grad(out, wanted, go, allow_unused=True)
+    # The same gradients from the backward op called directly.
+    names = (fixed,) if fixed is not None else PAPER_CANDIDATES
+    pi = None if fixed is not None else torch.softmax(layer.alpha.detach(), 0)
+    gate_params = list(layer._gates() or ())
+    gates = [t.detach() for t in gate_params] if "strip" in names else [None] * 4
+    _, z_h, z_w = torch.ops.metapool.meta_pool(x.detach(), pi, *gates, ",".join(names))
+    gx, gpi, *g_gates = torch.ops.metapool.meta_pool_backward(go, x.detach(), pi, *gates, z_h, z_w,
+                                                              ",".join(names))
+    assert torch.equal(got[0], gx)
+    by_param = dict(zip(wanted[1:], got[1:]))
+    if fixed is None:
+        jac = torch.diag(pi) - torch.outer(pi, pi)  # d softmax / d alpha
+        assert_rel_close(by_param[layer.alpha], jac @ gpi, 1e-6, "alpha")
+    for param, g in zip(gate_params, g_gates):
+        if param in by_param:
+            expected = g.reshape(param.shape) if "strip" in names else None
+            assert (by_param[param] is None) == (expected is None)
+            if expected is not None:
+                assert torch.equal(by_param[param], expected)
+    # Parameters alone (a frozen input): the input gets nothing, the rest the same gradients.
+    used = [(p, g) for p, g in by_param.items() if g is not None]
+    if used:
+        again = torch.autograd.grad(layer(x.detach()), [p for p, _ in used], go)
+        for a, (_, b) in zip(again, used):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("candidates,fixed", [(PAPER_CANDIDATES, None), (("avg3", "max5", "strip"), "strip"),
                                               (("max7",), "max7")], ids=["search", "strip", "max7"])

@@ -126,6 +126,7 @@ def test_only_requested_grads():
     go = randn(x.shape, 7)
     (gb,) = torch.autograd.grad(out, base, go)
     assert torch.equal(gb, go)
+    assert "StripGateFunction" in out.grad_fn.name()  # the C++ node of csrc/autograd/
 
 
 # --------------------------------------------------------------------------------------------

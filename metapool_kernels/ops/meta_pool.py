@@ -13,8 +13,8 @@ channels_last input channels_last and is contiguous otherwise.
 
 Schemas: csrc/metapool.cpp. Kernels: C++ for CPU tensors (csrc/cpu/meta_pool_kernel.cpp), Triton
 for CUDA tensors (:mod:`metapool_kernels.ops.meta_pool_triton`, imported on first use so that
-importing the package does not import Triton). This file registers, once for every device, the
-fake kernels and the autograd formula.
+importing the package does not import Triton); autograd, once for every device, in C++
+(csrc/autograd/meta_pool_autograd.cpp). This file registers the Triton kernels and the fake kernels.
 """
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ torch.library.register_kernel("metapool::meta_pool_backward", "cuda", _meta_pool
 
 # The Triton kernels on CPU tensors, through Triton's interpreter: how they are tested without a
 # GPU. While active, both ops' CPU kernels are the Triton ones (a dispatcher override, undone on
-# exit); the autograd formula remembers whether a forward ran under it and replays its backward so.
+# exit). The op's autograd is C++ (csrc/autograd/) for every device; under the override a Python
+# one stands in front of it on CPU tensors, because a backward may run after the context has been
+# left (``loss.backward()`` outside a layer's forward) and must still run the Triton backward.
 _interpreted = threading.local()
 _override_lock = threading.Lock()
 _override = {"depth": 0, "lib": None}
@@ -79,6 +81,7 @@ def triton_on_cpu():
             with _quiet_override():
                 lib.impl("meta_pool", _meta_pool_cuda, "CPU")
                 lib.impl("meta_pool_backward", _meta_pool_backward_cuda, "CPU")
+                lib.impl("meta_pool", _InterpretedMetaPool.call, "AutogradCPU")
             _override["lib"] = lib
         _override["depth"] += 1
     depth = getattr(_interpreted, "depth", 0)
@@ -94,8 +97,32 @@ def triton_on_cpu():
                 _override["lib"] = None
 
 
-def _triton_on_cpu_active() -> bool:
-    return getattr(_interpreted, "depth", 0) > 0
+class _InterpretedMetaPool(torch.autograd.Function):
+    """meta_pool's autograd on CPU tensors under :func:`triton_on_cpu`: the forward runs below
+    autograd (the interpreted Triton kernel) and the backward re-enters the override."""
+
+    @staticmethod
+    def forward(ctx, x, pi, ghw, ghb, gww, gwb, candidates):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, z_h, z_w = torch.ops.metapool.meta_pool(x, pi, ghw, ghb, gww, gwb, candidates)
+        ctx.save_for_backward(x, pi, ghw, ghb, gww, gwb, z_h, z_w)
+        ctx.candidates = candidates
+        ctx.mark_non_differentiable(z_h, z_w)
+        return out, z_h, z_w
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_zh, _grad_zw):
+        x, pi, ghw, ghb, gww, gwb, z_h, z_w = ctx.saved_tensors
+        with triton_on_cpu():
+            gx, gpi, *gates = torch.ops.metapool.meta_pool_backward(
+                grad_out, x, pi, ghw, ghb, gww, gwb, z_h, z_w, ctx.candidates)
+        if "strip" not in _names(ctx.candidates):
+            gates = (None, None, None, None)
+        return gx, (gpi if pi is not None else None), *gates, None
+
+    @staticmethod
+    def call(x, pi, ghw, ghb, gww, gwb, candidates):
+        return _InterpretedMetaPool.apply(x, pi, ghw, ghb, gww, gwb, candidates)
 
 
 @contextlib.contextmanager
@@ -155,31 +182,6 @@ def _meta_pool_backward_flops(grad_shape, x_shape, pi_shape, gate_h_weight_shape
                               gate_w_weight_shape, gate_w_bias_shape, z_h_shape, z_w_shape, candidates,
                               **kwargs) -> int:
     return 2 * _gate_flops(x_shape, gate_h_weight_shape, gate_w_weight_shape, candidates)
-
-
-# ---------------------------------------------------------------------------------------------
-# Autograd.
-# ---------------------------------------------------------------------------------------------
-def _setup_context(ctx, inputs, output):
-    x, pi, ghw, ghb, gww, gwb, candidates = inputs
-    _, z_h, z_w = output
-    ctx.save_for_backward(x, pi, ghw, ghb, gww, gwb, z_h, z_w)
-    ctx.candidates = candidates
-    ctx.triton_on_cpu = _triton_on_cpu_active()
-    ctx.mark_non_differentiable(z_h, z_w)
-
-
-def _backward(ctx, grad_out, _grad_zh, _grad_zw):
-    x, pi, ghw, ghb, gww, gwb, z_h, z_w = ctx.saved_tensors
-    with triton_on_cpu() if ctx.triton_on_cpu else contextlib.nullcontext():
-        gx, gpi, g_ghw, g_ghb, g_gww, g_gwb = torch.ops.metapool.meta_pool_backward(
-            grad_out, x, pi, ghw, ghb, gww, gwb, z_h, z_w, ctx.candidates)
-    strip = "strip" in _names(ctx.candidates)
-    gates = (g_ghw, g_ghb, g_gww, g_gwb) if strip else (None, None, None, None)
-    return gx, (gpi if pi is not None else None), *gates, None
-
-
-torch.library.register_autograd("metapool::meta_pool", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@
 
 The second form is how the Meta-Pooling mixture adds its strip term (weight = softmax(α)_strip) to
 the local mixture in one pass over x. Kernels: csrc/cpu/strip_gate_kernel.cpp and
-csrc/cuda/strip_gate_kernel.cu; schemas: csrc/metapool.cpp. This file registers, once for every
-device, the fake kernels that let torch.compile trace the op and the autograd formula that routes
-gradients to every tensor input through ``metapool::strip_gate_backward``.
+csrc/cuda/strip_gate_kernel.cu; autograd, which routes gradients to every tensor input through
+``metapool::strip_gate_backward``: csrc/autograd/strip_gate_autograd.cpp; schemas: csrc/metapool.cpp.
+This file registers the fake kernels that let torch.compile trace the op.
 """
 from __future__ import annotations
 
@@ -74,31 +74,3 @@ def _strip_gate_backward_fake(grad, x, g_h, g_w, weight=None):
         g_w.new_empty(g_w.shape, dtype=acc),
         x.new_empty((), dtype=acc),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Autograd.
-# ---------------------------------------------------------------------------------------------
-def _setup_context(ctx, inputs, output):
-    x, g_h, g_w, base, weight = inputs
-    ctx.save_for_backward(x, g_h, g_w, weight)
-    ctx.base_dtype = None if base is None else base.dtype
-
-
-def _backward(ctx, grad):
-    x, g_h, g_w, weight = ctx.saved_tensors
-    given = len(ctx.needs_input_grad)  # base and weight may have been left to their defaults
-    need_x, need_gh, need_gw, need_base, need_weight = tuple(ctx.needs_input_grad) + (False,) * (5 - given)
-    grad_x = grad_gh = grad_gw = grad_base = grad_weight = None
-    if need_x or need_gh or need_gw or need_weight:
-        gx, ggh, ggw, gwt = torch.ops.metapool.strip_gate_backward(grad, x, g_h, g_w, weight)
-        grad_x = gx if need_x else None
-        grad_gh = ggh.to(g_h.dtype) if need_gh else None
-        grad_gw = ggw.to(g_w.dtype) if need_gw else None
-        grad_weight = gwt.reshape(weight.shape).to(weight.dtype) if need_weight else None
-    if need_base:
-        grad_base = grad.to(ctx.base_dtype)
-    return (grad_x, grad_gh, grad_gw, grad_base, grad_weight)[:given]
-
-
-torch.library.register_autograd("metapool::strip_gate", _backward, setup_context=_setup_context)
