@@ -500,15 +500,20 @@ def test_bitwise_deterministic_across_threads(layout, shape, fixed):
 # --------------------------------------------------------------------------------------------
 # Autograd, registration, torch.compile
 # --------------------------------------------------------------------------------------------
-def gradcheck_layer(shape, candidates, fixed, layout):
-    C = shape[1]
-    layer = FusedMetaPooling(C, candidates, backend="auto").double()
-    params = make_params(C, candidates, 30, torch.float64)
+def fused_layer(C, candidates, seed, dtype, fixed=None):
+    """A FusedMetaPooling layer with make_params' values, fixed to ``fixed`` if given."""
+    layer = FusedMetaPooling(C, candidates, backend="auto").to(dtype)
+    params = make_params(C, candidates, seed, dtype)
     with torch.no_grad():
         for k, p in layer.named_parameters():
             p.copy_(params[k])
     if fixed is not None:
         layer.fix(fixed)
+    return layer
+
+
+def gradcheck_layer(shape, candidates, fixed, layout):
+    layer = fused_layer(shape[1], candidates, 30, torch.float64, fixed)
     names = [k for k, p in layer.named_parameters() if p.requires_grad and (k != "alpha" or fixed is None)
              and (not k.startswith("gate") or fixed in (None, "strip"))]
     x = view_of(randn(shape, 31, torch.float64), layout).requires_grad_()
@@ -531,13 +536,7 @@ def test_autograd_is_one_cpp_node(fixed):
     """The op's autograd is the C++ node of csrc/autograd/ (no Python autograd.Function per call),
     and it gives each input that wants one its gradient, equal to the backward op's."""
     C = 3
-    layer = FusedMetaPooling(C, backend="auto")
-    params = make_params(C, PAPER_CANDIDATES, 60, torch.float32)
-    with torch.no_grad():
-        for k, p in layer.named_parameters():
-            p.copy_(params[k])
-    if fixed is not None:
-        layer.fix(fixed)
+    layer = fused_layer(C, PAPER_CANDIDATES, 60, torch.float32, fixed)
     x = randn((2, C, 5, 6), 61).requires_grad_()
     out = layer(x)
     assert "MetaPoolFunction" in out.grad_fn.name()

@@ -32,6 +32,12 @@ c10::optional<at::Tensor> or_none(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
+// The op's Autograd kernel (defined below the node it applies).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_pool_autograd(
+    const at::Tensor& x, const c10::optional<at::Tensor>& pi, const c10::optional<at::Tensor>& gate_h_weight,
+    const c10::optional<at::Tensor>& gate_h_bias, const c10::optional<at::Tensor>& gate_w_weight,
+    const c10::optional<at::Tensor>& gate_w_bias, c10::string_view candidates);
+
 class MetaPoolFunction : public torch::autograd::Function<MetaPoolFunction> {
  public:
   static variable_list forward(
@@ -45,7 +51,7 @@ class MetaPoolFunction : public torch::autograd::Function<MetaPoolFunction> {
       const std::string& candidates) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("metapool::meta_pool", "")
-                         .typed<decltype(forward_signature)>();
+                         .typed<decltype(meta_pool_autograd)>();  // the op's own signature
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, z_h, z_w] =
         op.call(x, pi, gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias, candidates);
@@ -76,10 +82,6 @@ class MetaPoolFunction : public torch::autograd::Function<MetaPoolFunction> {
   }
 
  private:
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_signature(
-      const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-      const c10::optional<at::Tensor>&, c10::string_view);
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
   backward_signature(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
@@ -88,13 +90,9 @@ class MetaPoolFunction : public torch::autograd::Function<MetaPoolFunction> {
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_pool_autograd(
-    const at::Tensor& x,
-    const c10::optional<at::Tensor>& pi,
-    const c10::optional<at::Tensor>& gate_h_weight,
-    const c10::optional<at::Tensor>& gate_h_bias,
-    const c10::optional<at::Tensor>& gate_w_weight,
-    const c10::optional<at::Tensor>& gate_w_bias,
-    c10::string_view candidates) {
+    const at::Tensor& x, const c10::optional<at::Tensor>& pi, const c10::optional<at::Tensor>& gate_h_weight,
+    const c10::optional<at::Tensor>& gate_h_bias, const c10::optional<at::Tensor>& gate_w_weight,
+    const c10::optional<at::Tensor>& gate_w_bias, c10::string_view candidates) {
   auto out = MetaPoolFunction::apply(x, pi, gate_h_weight, gate_h_bias, gate_w_weight, gate_w_bias,
                                      std::string(candidates));
   return {out[0], out[1], out[2]};
