@@ -32,6 +32,9 @@ struct Candidates {
   int max_radius() const;  // the same among the max candidates
 };
 
+// Parses a comma-joined candidate list, with a message naming an unknown or repeated op.
+Candidates parse_candidates(const char* op, const std::string& candidates);
+
 struct MetaPoolArgs {
   Candidates cand;
   bool channels_last = false;  // x (and grad) are channels_last; outputs are made so too

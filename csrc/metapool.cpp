@@ -109,8 +109,6 @@ int Candidates::max_radius() const {
   return r;
 }
 
-namespace {
-
 Candidates parse_candidates(const char* op, const std::string& candidates) {
   static const char* kNames[kLocalSlots] = {"skip", "avg3", "avg5", "avg7", "max3", "max5", "max7"};
   Candidates c;
@@ -130,6 +128,8 @@ Candidates parse_candidates(const char* op, const std::string& candidates) {
   TORCH_CHECK(c.count > 0, op, ": candidates must name at least one op");
   return c;
 }
+
+namespace {
 
 at::Tensor gate_param(const char* op, const char* name, const c10::optional<at::Tensor>& t,
                       at::IntArrayRef shape, const at::Tensor& x) {

@@ -4,6 +4,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../meta_pool.h"
+
 #include <string>
 #include <tuple>
 
@@ -12,17 +14,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-bool names_strip(const std::string& candidates) {
-  size_t begin = 0;
-  while (begin <= candidates.size()) {
-    size_t end = candidates.find(',', begin);
-    if (end == std::string::npos) end = candidates.size();
-    if (candidates.compare(begin, end - begin, "strip") == 0) return true;
-    begin = end + 1;
-  }
-  return false;
-}
 
 at::Tensor or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
@@ -59,6 +50,7 @@ class MetaPoolFunction : public torch::autograd::Function<MetaPoolFunction> {
     ctx->save_for_backward({x, or_undefined(pi), or_undefined(gate_h_weight), or_undefined(gate_h_bias),
                             or_undefined(gate_w_weight), or_undefined(gate_w_bias), z_h, z_w});
     ctx->saved_data["candidates"] = candidates;
+    ctx->saved_data["strip"] = parse_candidates("meta_pool", candidates).strip();
     ctx->mark_non_differentiable({z_h, z_w});
     ctx->set_materialize_grads(false);  // no zero-filled gradients for z_h, z_w
     return {out, z_h, z_w};
@@ -75,7 +67,7 @@ class MetaPoolFunction : public torch::autograd::Function<MetaPoolFunction> {
         op.call(grads[0], saved[0], or_none(saved[1]), or_none(saved[2]), or_none(saved[3]),
                 or_none(saved[4]), or_none(saved[5]), saved[6], saved[7], candidates);
     // Without 'strip' the op returns empty gate gradients: the gates, if given, had no effect.
-    const bool strip = names_strip(candidates);
+    const bool strip = ctx->saved_data["strip"].toBool();
     const auto gate = [strip](const at::Tensor& g) { return strip ? g : at::Tensor(); };
     return {grad_x, saved[1].defined() ? grad_pi : at::Tensor(),
             gate(g_hw), gate(g_hb), gate(g_ww), gate(g_wb), at::Tensor()};

@@ -64,7 +64,6 @@ torch.library.register_kernel("metapool::meta_pool_backward", "cuda", _meta_pool
 # exit). The op's autograd is C++ (csrc/autograd/) for every device; under the override a Python
 # one stands in front of it on CPU tensors, because a backward may run after the context has been
 # left (``loss.backward()`` outside a layer's forward) and must still run the Triton backward.
-_interpreted = threading.local()
 _override_lock = threading.Lock()
 _override = {"depth": 0, "lib": None}
 
@@ -84,12 +83,9 @@ def triton_on_cpu():
                 lib.impl("meta_pool", _InterpretedMetaPool.call, "AutogradCPU")
             _override["lib"] = lib
         _override["depth"] += 1
-    depth = getattr(_interpreted, "depth", 0)
-    _interpreted.depth = depth + 1
     try:
         yield
     finally:
-        _interpreted.depth = depth
         with _override_lock:
             _override["depth"] -= 1
             if _override["depth"] == 0:
