@@ -146,7 +146,7 @@ def _model_rows(rows) -> Dict[Tuple[str, str], Dict[str, Any]]:
 def _derived_goal(rows, goal: float) -> GoalCheck:
     key = "derived-vs-plain"
     name = (f"Derived MobileNetV2-1.0 (batch 1, 224 px) within {goal:g}% of plain, contiguous and "
-            "channels_last, eager and torch.compile")
+            "channels_last, eager and torch.compile, and through ONNX Runtime")
     m = _model_rows(rows)
     checks = []  # (label, overhead %, noise %, target)
     for compiled, derived, plain, again in ((False, "derived-fused", "skip", "skip-again"),
@@ -161,6 +161,17 @@ def _derived_goal(rows, goal: float) -> GoalCheck:
             checks.append((label, over, noise, d["median_ms"], p["median_ms"],
                            {"kind": "model", "variants": [derived, plain], "memory_format": fmt, "batch": 1,
                             "resolution": d["resolution"], "dtype": d["dtype"], "genotype": d.get("genotype")}))
+    # The deploy suite's runtimes besides PyTorch (ONNX Runtime on the exported file), derived
+    # against plain in the same runtime, batch 1.
+    deploy = {(r["runtime"], r["network"]): r for r in rows
+              if r.get("suite") == "deploy" and not r.get("error") and r.get("batch") == 1}
+    for runtime in sorted({rt for rt, _ in deploy if rt not in ("eager", "compile")}):
+        d, p = deploy.get((runtime, "derived")), deploy.get((runtime, "plain"))
+        if not (d and p):
+            continue
+        over = 100.0 * (d["median_ms"] / p["median_ms"] - 1.0)
+        checks.append((p.get("label", runtime).split(" on ")[0], over, None, d["median_ms"], p["median_ms"],
+                       {"kind": "deploy", "runtime": runtime, "batch": 1, "resolution": d["resolution"]}))
     if not checks:
         return GoalCheck(key, name, "—", None)
     measured = "; ".join(f"{c[0]}: {c[1]:+.1f}% ({c[3]:.3g} vs {c[4]:.3g} ms"

@@ -18,5 +18,7 @@ def test_profile(bench, cpu_profile_goal):
         pytest.skip(f"{check.key}: {check.status.strip('*')} in this run, nothing to explain")
     if check.target is None:
         pytest.skip(f"{check.key}: its rows are the explanation (no single configuration to profile)")
+    if check.target["kind"] == "deploy":
+        pytest.skip(f"{check.key}: decided in {check.target['runtime']}, which torch.profiler does not see")
     bench.run("profile", f"profile-{check.key}", profile_target, check.key, check.target, "cpu",
               compile_backend=bench.compile_backend, genotype=bench.genotype)

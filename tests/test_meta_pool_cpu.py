@@ -231,6 +231,19 @@ def test_fixed_window_kernel(shape, layout, dtype):
                                  else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", FIXED_SHAPES + [
+    (1, 1, 64, 9), (3, 4, 96, 3),  # row chunks of one plane, chunks across images
+    (2, 1030, 2, 1),  # W = 1
+], ids=shape_id)
+def test_fixed_strip_kernel(shape, layout, dtype):
+    """A fixed 'strip' layer's own path (strip sums and the strip term on rows in place, NCHW
+    unpacked at every width), forward and every gradient against the reference, on each item
+    layout it takes."""
+    check(shape, fixed="strip", dtype=dtype, layout=layout, seed=sum(shape))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ("max3", "max5", "max7"))
 def test_fixed_max_redoes_rows_with_nan_exactly(name, layout):

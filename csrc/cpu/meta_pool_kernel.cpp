@@ -35,6 +35,7 @@
 //             bwd: strip_sums of grad · x, strip_gate_grads, the strip adjoints
 //   π         Weights; α's partial sums Σ grad · op_k(x) in bwd
 //   fixed avg/max layer, fwd: local_forward_kernel_impl (op and radius compiled in, rows in place)
+//   fixed strip layer, fwd and bwd: strip_sums, the gate GEMMs and strip_apply (rows in place)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -148,13 +149,15 @@ struct Layout {
   int64_t chunk;    // rows per chunk
   int64_t chunks;
 
-  Layout(const at::Tensor& x, bool channels_last) {
+  // `pack_narrow`: whether narrow NCHW rows pack several channels. The window ops want it; the
+  // strip sums and the strip term read rows in place and vectorise along W at any width.
+  Layout(const at::Tensor& x, bool channels_last, bool pack_narrow = true) {
     N = x.size(0); C = x.size(1); H = x.size(2); W = x.size(3);
     cl = channels_last;
     // channels_last rows hold channels contiguously: vectorise along them. NCHW rows are
     // vectorised along W when wide enough; narrow ones (the 14×14, 7×7 maps of deep blocks) are
     // transposed on the fly so that channels fill the vectors there too.
-    const bool pack = cl || W < kPackBelowW;
+    const bool pack = cl || (pack_narrow && W < kPackBelowW);
     // A block of channels is a whole number of vectors (8 float32), so its columns copy in whole vectors.
     lanes = pack ? std::min<int64_t>(C, std::max<int64_t>(8, kRowTarget / std::max<int64_t>(W, 1) / 8 * 8)) : 1;
     // Few images (batch 1 in a deployed network): narrower channel blocks before any row split.
@@ -424,10 +427,26 @@ void horizontal(const acc_t* xz, const acc_t* xn, int64_t L, int64_t lanes, int 
   });
 }
 
+// Whether an item's rows are used where they are in memory (no packed copy): its dtype is the
+// accumulation type, and its rows are one channel's with unit column stride or a channels_last
+// block. Such rows have column stride it.cstride (1 for one channel), packed ones it.clen.
+template <typename scalar_t>
+inline bool rows_in_place(const Item& it) {
+  return std::is_same_v<scalar_t, at::opmath_type<scalar_t>> && (it.clen == 1 ? it.cstride == 1 : it.lstride == 1);
+}
+template <typename scalar_t>
+inline int64_t row_column_stride(const Item& it) {
+  return rows_in_place<scalar_t>(it) && it.clen > 1 ? it.cstride : it.clen;
+}
+
+// The layout of the strip sums and of the strip term: NCHW rows are never packed, so that both
+// read every row in place and vectorise along W (a per-row gate value is then one broadcast).
+Layout strip_layout(const at::Tensor& x, bool channels_last) { return Layout(x, channels_last, false); }
+
 // ---------------------------------------------------------------------------------------------
 // Strip sums: rows[(n,c), i] = Σ_j q · b_j and cols[chunk, (n,c), j] = Σ_{i in chunk} q · a_i with
 // q = x (forward: grad, a and b absent, taken as 1) or grad · x (backward: a = σ(g_h), b = σ(g_w),
-// and total[item] = Σ q · a · b).
+// and total[item] = Σ q · a · b). g is a strip_layout; rows are read in place.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 void strip_sums(const Layout& g, const scalar_t* x, const scalar_t* grad, const at::opmath_type<scalar_t>* a,
@@ -437,43 +456,155 @@ void strip_sums(const Layout& g, const scalar_t* x, const scalar_t* grad, const 
   using Vec = Vectorized<acc_t>;
   const int64_t H = g.H, W = g.W, planes = g.N * g.C;
   at::parallel_for(0, g.items(), 1, [&](int64_t begin, int64_t end) {
-    Buffer<acc_t> q_buf, g_buf, a_buf, b_buf, col_buf, lane_buf;
+    Buffer<acc_t> x_buf, g_buf, a_buf, b_buf, col_buf, lane_buf;
     for (int64_t index = begin; index < end; ++index) {
       const Item it(g, index);
-      const int64_t L = it.L;
-      acc_t* q = q_buf.get(L);
-      acc_t* gr = grad ? g_buf.get(L) : nullptr;
-      acc_t* a_row = a ? a_buf.get(L) : nullptr;
-      acc_t* b_row = b ? b_buf.get(L) : nullptr;
-      acc_t* lane = lane_buf.get(it.clen);
-      acc_t* col = col_buf.get(L);
-      std::fill(col, col + L, acc_t(0));
-      if (b) pack_columns(b + it.nc(g, 0) * W, W, it, W, b_row);
+      const int64_t L = it.L, lanes = it.clen, nc = it.nc(g, 0);
+      const bool in_place = rows_in_place<scalar_t>(it);
+      const int64_t cs = row_column_stride<scalar_t>(it);
+      // Packed: column j, lane l at j · lanes + l. One vector of slack, so that a row's last
+      // partial vector stores whole (its lanes past the row add loads' zeros): a masked store
+      // costs several times a plain one.
+      acc_t* col = col_buf.get(L + Vec::size());
+      std::fill(col, col + L + Vec::size(), acc_t(0));
+      acc_t* lane_sum = lane_buf.get(lanes);
+      acc_t* a_lane = a_buf.get(lanes);
+      const acc_t* b_row = nullptr;
+      if (b) {
+        if (lanes == 1) {
+          b_row = b + nc * W;
+        } else {
+          acc_t* packed = b_buf.get(L);
+          pack_columns(b + nc * W, W, it, W, packed);
+          b_row = packed;
+        }
+      }
       Vec tot(acc_t(0));
       for (int64_t i = it.r0; i < it.r1; ++i) {
         const int64_t off = it.base + i * it.rstride;
-        load_row(x + off, it, W, q);
-        if (grad) {
-          load_row(grad + off, it, W, gr);
-          spread_lanes(a + it.nc(g, 0) * H + i, H, it, W, a_row);
-          // q ← grad·x·b for the row sums; the column sums and the total take grad·x·a.
-          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) {
-            const Vec gx = load(q + f, n) * load(gr + f, n);
-            const Vec gxa = gx * load(a_row + f, n);
-            const Vec bv = load(b_row + f, n);
-            store(col + f, load(col + f, n) + gxa, n);
-            tot += masked(gxa * bv, n);
-            store(q + f, gx * bv, n);
-          });
-        } else {
-          vec_loop<acc_t>(L, [&](int64_t f, int64_t n) { store(col + f, load(col + f, n) + load(q + f, n), n); });
+        const acc_t* xs = reinterpret_cast<const acc_t*>(x + off);
+        const acc_t* gs = grad ? reinterpret_cast<const acc_t*>(grad + off) : nullptr;
+        if (!in_place) {
+          acc_t* xp = x_buf.get(L);
+          load_row(x + off, it, W, xp);
+          xs = xp;
+          if (grad) {
+            acc_t* gp = g_buf.get(L);
+            load_row(grad + off, it, W, gp);
+            gs = gp;
+          }
         }
-        lane_sums(q, it, W, lane);
-        for (int64_t l = 0; l < it.clen; ++l) rows[it.nc(g, l) * H + i] = lane[l];
+        for (int64_t l = 0; l < lanes; ++l) a_lane[l] = a ? a[(nc + l) * H + i] : acc_t(1);
+        // One vector of row i's positions at s (memory), d (packed column) and lane l: the row sum
+        // takes grad·x·b, the column sums and the total grad·x·a (forward: x, x).
+        auto step = [&](int64_t s, int64_t d, int64_t l, int64_t n, Vec& row_acc) {
+          const Vec xv = load(xs + s, n);
+          if (grad) {
+            const Vec gx = xv * load(gs + s, n);
+            const Vec gxa = gx * (lanes == 1 ? Vec(a_lane[0]) : load(a_lane + l, n));
+            const Vec bv = load(b_row + d, n);
+            store(col + d, Vec::loadu(col + d) + gxa, Vec::size());
+            tot += masked(gxa * bv, n);
+            row_acc += masked(gx * bv, n);
+          } else {
+            store(col + d, Vec::loadu(col + d) + xv, Vec::size());
+            row_acc += masked(xv, n);
+          }
+        };
+        if (lanes == 1) {
+          Vec row_acc(acc_t(0));
+          vec_loop<acc_t>(W, [&](int64_t f, int64_t n) { step(f, f, 0, n, row_acc); });
+          rows[nc * H + i] = reduce_sum(row_acc);
+        } else {
+          std::fill(lane_sum, lane_sum + lanes, acc_t(0));
+          for (int64_t j = 0; j < W; ++j)
+            vec_loop<acc_t>(lanes, [&](int64_t l, int64_t n) {
+              Vec row_acc = load(lane_sum + l, n);
+              step(j * cs + l, j * lanes + l, l, n, row_acc);
+              store(lane_sum + l, row_acc, n);
+            });
+          for (int64_t l = 0; l < lanes; ++l) rows[(nc + l) * H + i] = lane_sum[l];
+        }
       }
-      for (int64_t l = 0; l < it.clen; ++l)
-        for (int64_t j = 0; j < W; ++j) cols[(it.chunk * planes + it.nc(g, l)) * W + j] = col[j * it.clen + l];
+      for (int64_t l = 0; l < lanes; ++l)
+        for (int64_t j = 0; j < W; ++j) cols[(it.chunk * planes + nc + l) * W + j] = col[j * lanes + l];
       if (total) total[index] = reduce_sum(tot);
+    }
+  });
+}
+
+// The strip term alone, out = src · σh_i · σw_j (+ ah_i + aw_j): a fixed 'strip' layer's forward
+// (src = x) and its grad x (src = grad, ah and aw the strip means' adjoints). One multiply per
+// operand in the generic kernels' order, so the results are theirs; g is a strip_layout.
+template <typename scalar_t>
+void strip_apply(const Layout& g, const scalar_t* src, const at::opmath_type<scalar_t>* sh,
+                 const at::opmath_type<scalar_t>* sw, const at::opmath_type<scalar_t>* ah,
+                 const at::opmath_type<scalar_t>* aw, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t H = g.H, W = g.W;
+  const bool add = ah != nullptr;
+  at::parallel_for(0, g.items(), 1, [&](int64_t begin, int64_t end) {
+    Buffer<acc_t> in_buf, out_buf, sw_buf, aw_buf, sh_buf, ah_buf;
+    for (int64_t index = begin; index < end; ++index) {
+      const Item it(g, index);
+      const int64_t L = it.L, lanes = it.clen, nc = it.nc(g, 0);
+      const bool in_place = rows_in_place<scalar_t>(it);
+      const int64_t cs = row_column_stride<scalar_t>(it);
+      const acc_t *sw_row = sw + nc * W, *aw_row = add ? aw + nc * W : nullptr;
+      if (lanes > 1) {
+        acc_t* p = sw_buf.get(L);
+        pack_columns(sw + nc * W, W, it, W, p);
+        sw_row = p;
+        if (add) {
+          acc_t* q = aw_buf.get(L);
+          pack_columns(aw + nc * W, W, it, W, q);
+          aw_row = q;
+        }
+      }
+      acc_t* sh_lane = sh_buf.get(lanes);
+      acc_t* ah_lane = ah_buf.get(lanes);
+      for (int64_t i = it.r0; i < it.r1; ++i) {
+        const int64_t off = it.base + i * it.rstride;
+        const acc_t* xs = reinterpret_cast<const acc_t*>(src + off);
+        acc_t* os = reinterpret_cast<acc_t*>(out + off);
+        if (!in_place) {
+          acc_t* xp = in_buf.get(L);
+          load_row(src + off, it, W, xp);
+          xs = xp;
+          os = out_buf.get(L);
+        }
+        if (lanes == 1) {
+          const Vec s(sh[nc * H + i]), t(add ? ah[nc * H + i] : acc_t(0));
+          auto body = [&](int64_t f, int64_t n) {
+            Vec o = load(xs + f, n) * s * load(sw_row + f, n);
+            if (add) o = o + t + load(aw_row + f, n);
+            store(os + f, o, n);
+          };
+          if (W >= Vec::size()) {
+            // A row's last partial vector is done as the full vector ending at W (it rewrites a
+            // few outputs with the same values): a masked store costs several times a plain one.
+            int64_t f = 0;
+            for (; f + Vec::size() <= W; f += Vec::size()) body(f, Vec::size());
+            if (f < W) body(W - Vec::size(), Vec::size());
+          } else {
+            body(0, W);
+          }
+        } else {
+          for (int64_t l = 0; l < lanes; ++l) {
+            sh_lane[l] = sh[(nc + l) * H + i];
+            ah_lane[l] = add ? ah[(nc + l) * H + i] : acc_t(0);
+          }
+          for (int64_t j = 0; j < W; ++j)
+            vec_loop<acc_t>(lanes, [&](int64_t l, int64_t n) {
+              const int64_t d = j * lanes + l;
+              Vec o = load(xs + j * cs + l, n) * load(sh_lane + l, n) * load(sw_row + d, n);
+              if (add) o = o + load(ah_lane + l, n) + load(aw_row + d, n);
+              store(os + j * cs + l, o, n);
+            });
+        }
+        if (!in_place) store_row(os, it, W, out + off);
+      }
     }
   });
 }
@@ -739,9 +870,8 @@ void local_forward_kernel_impl(const MetaPoolArgs& a, const Layout& g, scalar_t*
     for (int64_t index = begin; index < end; ++index) {
       const Item it(g, index);
       const int64_t L = it.L, lanes = it.clen;
-      // In place: rows of one channel with unit column stride, or channels_last blocks.
-      const bool in_place = std::is_same_v<scalar_t, acc_t> && (lanes == 1 ? it.cstride == 1 : it.lstride == 1);
-      const int64_t cs = in_place && lanes > 1 ? it.cstride : lanes;
+      const bool in_place = rows_in_place<scalar_t>(it);
+      const int64_t cs = row_column_stride<scalar_t>(it);
       acc_t* ring = ring_buf.get(kRing * L);
       acc_t* in_row = in_place ? nullptr : in_buf.get(L);
       acc_t* out_row = in_place ? nullptr : out_buf.get(L);
@@ -789,6 +919,10 @@ int fixed_window_slot(const MetaPoolArgs& a) {
     if (a.cand.has(s)) return s;
   return -1;
 }
+
+// Whether the call is a fixed 'strip' layer: strip_apply is then the whole forward, and with
+// the gate GEMMs the whole backward.
+bool is_fixed_strip(const MetaPoolArgs& a) { return !a.pi.defined() && a.cand.count == 1 && a.cand.strip(); }
 
 template <typename scalar_t>
 void local_forward(const MetaPoolArgs& a, const Layout& g, int slot, scalar_t* out) {
@@ -1179,10 +1313,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_pool_forward_cpu(
   at::Tensor out = at::empty_like(a.x, a.x.options(), a.format());
   at::Tensor z_h = empty_strip(a, 2), z_w = empty_strip(a, 3);
   if (a.x.numel() == 0) return {out, z_h, z_w};
-  const Layout g(a.x, a.channels_last);
+  const Layout g(a.x, a.channels_last), sg = strip_layout(a.x, a.channels_last);
   at::Tensor sh, sw;
   if (a.cand.strip()) {
-    std::tie(z_h, z_w) = strip_means(a, g);
+    std::tie(z_h, z_w) = strip_means(a, sg);
     sh = strip_gate_values(z_h, a.gate_h_weight, a.gate_h_bias);
     sw = strip_gate_values(z_w, a.gate_w_weight, a.gate_w_bias);
   }
@@ -1190,6 +1324,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meta_pool_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (slot >= 0) return local_forward<scalar_t>(a, g, slot, out.mutable_data_ptr<scalar_t>());
+    if (is_fixed_strip(a))
+      return strip_apply<scalar_t>(sg, a.x.const_data_ptr<scalar_t>(), sh.const_data_ptr<acc_t>(),
+                                   sw.const_data_ptr<acc_t>(), nullptr, nullptr, out.mutable_data_ptr<scalar_t>());
     meta_pool_forward_kernel_impl<scalar_t>(a, g, sh.defined() ? sh.const_data_ptr<acc_t>() : nullptr,
                              sw.defined() ? sw.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<scalar_t>());
   });
@@ -1219,7 +1356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_x.zero_();
     return {grad_x, grad_pi, gate_grads[0], gate_grads[1], gate_grads[2], gate_grads[3]};
   }
-  const Layout g(a.x, a.channels_last);
+  const Layout g(a.x, a.channels_last), sg = strip_layout(a.x, a.channels_last);
   const int64_t N = g.N, C = g.C, H = g.H, W = g.W;
   at::Tensor sh, sw, gzh, gzw;
   if (a.cand.strip()) {
@@ -1229,11 +1366,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     sh = strip_gate_values(zh, a.gate_h_weight, a.gate_h_bias);
     sw = strip_gate_values(zw, a.gate_w_weight, a.gate_w_bias);
     at::Tensor rows = at::empty({N, C, H}, acc_opts);
-    at::Tensor cols = at::empty({g.chunks, N, C, W}, acc_opts);
-    at::Tensor totals = at::empty({g.items()}, acc_opts);
+    at::Tensor cols = at::empty({sg.chunks, N, C, W}, acc_opts);
+    at::Tensor totals = at::empty({sg.items()}, acc_opts);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_strip_sums", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      strip_sums<scalar_t>(g, a.x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+      strip_sums<scalar_t>(sg, a.x.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
                            sh.const_data_ptr<acc_t>(), sw.const_data_ptr<acc_t>(), rows.mutable_data_ptr<acc_t>(),
                            cols.mutable_data_ptr<acc_t>(), totals.mutable_data_ptr<acc_t>());
       cols = sum_chunks<acc_t>(cols).view({N, C, W});
@@ -1250,6 +1387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "meta_pool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+    if (is_fixed_strip(a))
+      return strip_apply<scalar_t>(sg, grad.const_data_ptr<scalar_t>(), ptr(sh), ptr(sw), ptr(gzh), ptr(gzw),
+                                   grad_x.mutable_data_ptr<scalar_t>());
     meta_pool_backward_kernel_impl<scalar_t>(a, g, grad.const_data_ptr<scalar_t>(), ptr(sh), ptr(sw), ptr(gzh),
                                              ptr(gzw), grad_x.mutable_data_ptr<scalar_t>(),
                                              alpha_parts.mutable_data_ptr<acc_t>());
