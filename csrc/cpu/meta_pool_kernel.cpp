@@ -283,25 +283,6 @@ void pack_columns(const acc_t* src, int64_t src_stride, const Item& it, int64_t 
     for (int64_t j = 0; j < W; ++j) dst[j * it.clen + l] = src[l * src_stride + j];
 }
 
-// out[l] = Σ_j row[j · lanes + l], in a fixed order.
-template <typename acc_t>
-void lane_sums(const acc_t* row, const Item& it, int64_t W, acc_t* out) {
-  using Vec = Vectorized<acc_t>;
-  if (it.clen == 1) {
-    Vec acc(acc_t(0));
-    vec_loop<acc_t>(it.L, [&](int64_t f, int64_t n) {
-      acc += n == Vec::size() ? Vec::loadu(row + f) : Vec::set(Vec(acc_t(0)), Vec::loadu(row + f, n), n);
-    });
-    out[0] = reduce_sum(acc);
-    return;
-  }
-  vec_loop<acc_t>(it.clen, [&](int64_t l, int64_t n) {
-    Vec acc(acc_t(0));
-    for (int64_t j = 0; j < W; ++j) acc += load(row + j * it.clen + l, n);
-    store(out + l, acc, n);
-  });
-}
-
 // Valid positions in the window [i - r, i + r] of a length-n axis (count_include_pad=False).
 inline int64_t window_count(int64_t i, int r, int64_t n) {
   return std::min<int64_t>(i + r, n - 1) - std::max<int64_t>(i - r, 0) + 1;
