@@ -420,6 +420,17 @@ inline int64_t row_column_stride(const Item& it) {
   return rows_in_place<scalar_t>(it) && it.clen > 1 ? it.cstride : it.clen;
 }
 
+// A per-column value of (N, C, W) strip tensor `src` at an item's packed positions: the tensor's
+// own row for one lane, else its columns packed into `buf`.
+template <typename acc_t>
+const acc_t* item_columns(const acc_t* src, const Layout& g, const Item& it, Buffer<acc_t>& buf) {
+  const acc_t* row = src + it.nc(g, 0) * g.W;
+  if (it.clen == 1) return row;
+  acc_t* packed = buf.get(it.L);
+  pack_columns(row, g.W, it, g.W, packed);
+  return packed;
+}
+
 // The layout of the strip sums and of the strip term: NCHW rows are never packed, so that both
 // read every row in place and vectorise along W (a per-row gate value is then one broadcast).
 Layout strip_layout(const at::Tensor& x, bool channels_last) { return Layout(x, channels_last, false); }
@@ -450,16 +461,7 @@ void strip_sums(const Layout& g, const scalar_t* x, const scalar_t* grad, const 
       std::fill(col, col + L + Vec::size(), acc_t(0));
       acc_t* lane_sum = lane_buf.get(lanes);
       acc_t* a_lane = a_buf.get(lanes);
-      const acc_t* b_row = nullptr;
-      if (b) {
-        if (lanes == 1) {
-          b_row = b + nc * W;
-        } else {
-          acc_t* packed = b_buf.get(L);
-          pack_columns(b + nc * W, W, it, W, packed);
-          b_row = packed;
-        }
-      }
+      const acc_t* b_row = b ? item_columns(b, g, it, b_buf) : nullptr;
       Vec tot(acc_t(0));
       for (int64_t i = it.r0; i < it.r1; ++i) {
         const int64_t off = it.base + i * it.rstride;
@@ -532,17 +534,8 @@ void strip_apply(const Layout& g, const scalar_t* src, const at::opmath_type<sca
       const int64_t L = it.L, lanes = it.clen, nc = it.nc(g, 0);
       const bool in_place = rows_in_place<scalar_t>(it);
       const int64_t cs = row_column_stride<scalar_t>(it);
-      const acc_t *sw_row = sw + nc * W, *aw_row = add ? aw + nc * W : nullptr;
-      if (lanes > 1) {
-        acc_t* p = sw_buf.get(L);
-        pack_columns(sw + nc * W, W, it, W, p);
-        sw_row = p;
-        if (add) {
-          acc_t* q = aw_buf.get(L);
-          pack_columns(aw + nc * W, W, it, W, q);
-          aw_row = q;
-        }
-      }
+      const acc_t* sw_row = item_columns(sw, g, it, sw_buf);
+      const acc_t* aw_row = add ? item_columns(aw, g, it, aw_buf) : nullptr;
       acc_t* sh_lane = sh_buf.get(lanes);
       acc_t* ah_lane = ah_buf.get(lanes);
       for (int64_t i = it.r0; i < it.r1; ++i) {
